@@ -328,3 +328,15 @@ def test_pickled_weights_are_refused(tmp_path):
     torch.save({"x": torch.zeros(1)}, str(tmp_path / "pytorch_model.bin"))
     with pytest.raises(FileNotFoundError, match="pickled weights are not loaded"):
         LlavaNext.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_conversion_on_load(pair, dtype):
+    hf, path, _ = pair
+    model = LlavaNext.from_pretrained(path, dtype=dtype).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    batch = batch_for(model)
+    got = our_logits(model, batch).float()
+    ref = hf_logits(hf, batch)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 0.05, f"{dtype} logits drift {rel:.3g} from fp32"
