@@ -1,0 +1,234 @@
+"""Triton kernels against torch math, by FlashAttention's rule: our error against an fp64 reference at most ~2x
+(forward) / ~3x (backward) the error of the same-precision torch computation against it.
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest); bf16 runs only on CUDA
+(the interpreter's tl.dot is wrong for bf16).
+"""
+
+import pytest
+import torch
+
+import kernels
+from conftest import DEVICE
+from kernels.attention import attention_triton
+from kernels.logprobs import ChunkedLogProbs, TritonLogProbs, token_logprobs_ref
+
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="bf16 tl.dot is wrong in Triton's CPU interpreter; bf16 is tested on CUDA"))]
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def check(name, ours, same_precision, oracle, factor):
+    """|ours - oracle| <= factor * |same_precision - oracle| + a few ulps (so exact references do not demand 0)."""
+    ours, same_precision, oracle = ours.double(), same_precision.double(), oracle.double()
+    err, err_pt = (ours - oracle).abs().max().item(), (same_precision - oracle).abs().max().item()
+    ulps = 8 * EPS[torch.float32] * max(1.0, oracle.abs().max().item())
+    assert err <= factor * err_pt + ulps, (f"{name}: max error {err:.3g} > {factor} x torch's {err_pt:.3g} + {ulps:.2g}"
+                                            f" (mean {(ours - oracle).abs().mean().item():.3g})")
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+def math_attention(q, k, v, causal):
+    """Attention written out in the inputs' precision (scores and P rounded to it, softmax in fp32)."""
+    G = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
+    if causal:
+        T = q.shape[1]
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    p = torch.softmax(s.float(), -1).to(q.dtype)
+    return torch.einsum("bhts,bshd->bthd", p, v)
+
+
+def run_attention(fn, q, k, v, do, **kw):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, **kw)
+    o.backward(do)
+    return o, q.grad, k.grad, v.grad
+
+
+def compare_attention(q, k, v, causal, cu_seqlens=None):
+    do = torch.randn_like(q)
+    if cu_seqlens is None:
+        ours = run_attention(attention_triton, q, k, v, do, causal=causal)
+        pt = run_attention(math_attention, q, k, v, do, causal=causal)
+        ref = run_attention(math_attention, q.double(), k.double(), v.double(), do.double(), causal=causal)
+    else:
+        ours = run_attention(attention_triton, q, k, v, do, causal=causal, cu_seqlens=cu_seqlens,
+                             max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+        bounds = cu_seqlens.tolist()
+
+        def per_seq(q, k, v, causal):
+            return torch.cat([math_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
+                              for a, b in zip(bounds, bounds[1:])])
+
+        pt = run_attention(per_seq, q, k, v, do, causal=causal)
+        ref = run_attention(per_seq, q.double(), k.double(), v.double(), do.double(), causal=causal)
+    for name, a, b, c, f in zip(["out", "dq", "dk", "dv"], ours, pt, ref, [2, 3, 3, 3]):
+        check(name, a, b, c, f)
+
+
+SHAPES = [  # (B, T, Hq, Hkv, D)
+    (2, 1, 2, 2, 16), (2, 17, 4, 2, 16), (1, 129, 4, 1, 32), (3, 45, 2, 2, 24),   # lengths 1, 17, 129; odd D
+    (1, 77, 8, 2, 64), (1, 33, 2, 1, 128),                                         # CLIP and Llama-3 head dims
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_T{}_H{}x{}_D{}".format(*s))
+def test_attention_padded(shape, causal, dtype):
+    B, T, H, Hkv, D = shape
+    g = torch.Generator().manual_seed(T * 7 + D)
+    q, k, v = (torch.randn(B, T, h, D, generator=g).to(DEVICE, dtype) for h in (H, Hkv, Hkv))
+    compare_attention(q, k, v, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", [[37], [1, 17, 5, 1, 40], [3, 0, 9]], ids=str)
+def test_attention_varlen(lengths, causal, dtype):
+    g = torch.Generator().manual_seed(len(lengths))
+    N = sum(lengths)
+    q, k, v = (torch.randn(N, h, 16, generator=g).to(DEVICE, dtype) for h in (4, 2, 2))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    compare_attention(q, k, v, causal, cu)
+
+
+def test_varlen_equals_padded_per_sequence():
+    """Packed sequences attend only within themselves: each equals its own padded run."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 23]
+    q, k, v = (torch.randn(sum(lengths), h, 16, generator=g).to(DEVICE) for h in (4, 1, 1))
+    cu = torch.tensor([0, 5, 6, 29], dtype=torch.int32, device=DEVICE)
+    packed = attention_triton(q, k, v, True, cu, 23)
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        alone = attention_triton(q[None, a:b], k[None, a:b], v[None, a:b], True)[0]
+        torch.testing.assert_close(packed[a:b], alone, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ log-probs
+
+def run_logprobs(fn, h, w, y, g):
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    lp = fn(h, w, y)
+    lp.backward(g)
+    return lp, h.grad, w.grad
+
+
+def compare_logprobs(h, w, y, ignore_index=-100):
+    g = torch.randn(h.shape[0], device=h.device, generator=torch.Generator(h.device).manual_seed(1))
+
+    def ours(h, w, y):
+        return kernels.token_logprobs(h, w, y, ignore_index)
+
+    def ref(h, w, y):
+        return token_logprobs_ref(h, w, y, ignore_index)
+
+    results = run_logprobs(ours, h, w, y, g)
+    pt = run_logprobs(ref, h, w, y, g)
+    oracle = run_logprobs(ref, h.double(), w.double(), y, g.double())
+    assert results[0].dtype == torch.float32
+    for name, a, b, c, f in zip(["logp", "dh", "dW"], results, pt, oracle, [2, 3, 3]):
+        check(name, a, b, c, f)
+    return results
+
+
+LP_SHAPES = [(1, 16, 77), (37, 48, 300), (130, 64, 1000), (64, 40, 2049)]   # V never a multiple of the tile
+
+
+@pytest.mark.parametrize("backend", ["triton", "ref"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LP_SHAPES, ids=lambda s: "N{}_d{}_V{}".format(*s))
+def test_token_logprobs(shape, dtype, backend, monkeypatch):
+    monkeypatch.setenv("LLAVA_KERNELS", backend)
+    N, d, V = shape
+    g = torch.Generator().manual_seed(N)
+    h = torch.randn(N, d, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(V, d, generator=g) * 0.5).to(DEVICE, dtype)
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    y[::3] = -100                                           # some rows ignored
+    lp, dh, _ = compare_logprobs(h, w, y)
+    ignored = (y == -100).nonzero()[:, 0]
+    assert (lp[ignored] == 0).all() and (dh[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "ref"])
+def test_token_logprobs_none_and_all_ignored(backend, monkeypatch):
+    monkeypatch.setenv("LLAVA_KERNELS", backend)
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(9, 32, generator=g).to(DEVICE), torch.randn(100, 32, generator=g).to(DEVICE)
+    compare_logprobs(h, w, torch.randint(0, 100, (9,), generator=g).to(DEVICE))          # none ignored
+    h.requires_grad_(), w.requires_grad_()
+    lp = kernels.token_logprobs(h, w, torch.full((9,), -7, device=DEVICE), ignore_index=-7)
+    assert torch.equal(lp, torch.zeros(9, device=DEVICE))
+    lp.sum().backward()                                     # still in the graph: zero gradients, not None
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_token_logprobs_llama3_vocabulary(monkeypatch):
+    """V = 128320 (llama3-llava-next), a handful of rows, labels at both ends of the vocabulary."""
+    monkeypatch.setenv("LLAVA_KERNELS", "triton")
+    g = torch.Generator().manual_seed(0)
+    V, d = 128320, 16
+    h, w = torch.randn(4, d, generator=g).to(DEVICE), torch.randn(V, d, generator=g).to(DEVICE)
+    compare_logprobs(h, w, torch.tensor([0, 128319, 64000, -100], device=DEVICE))
+
+
+def test_backward_uses_per_row_gradients():
+    """DPO sends a different gradient to every row: d(sum_i g_i logp_i)/dh_i must scale with g_i."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 16, generator=g).to(DEVICE), torch.randn(50, 16, generator=g).to(DEVICE)
+    y = torch.randint(0, 50, (6,), generator=g).to(DEVICE)
+    for fn in (TritonLogProbs, ChunkedLogProbs):
+        hh = h.clone().requires_grad_()
+        fn.apply(hh, w, y).backward(torch.tensor([1.0, 0.0, -2.0, 3.0, 0.5, 0.0], device=DEVICE))
+        one = h.clone().requires_grad_()
+        fn.apply(one, w, y).backward(torch.ones(6, device=DEVICE))
+        torch.testing.assert_close(hh.grad[2], -2.0 * one.grad[2])
+        assert torch.equal(hh.grad[1], torch.zeros(16, device=DEVICE))
+
+
+def test_bad_labels_are_refused():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        kernels.token_logprobs(torch.randn(2, 4), torch.randn(10, 4), torch.tensor([3, 10]))
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+def test_switch_is_read_at_call_time(monkeypatch):
+    x = torch.zeros(1, device=DEVICE)
+    monkeypatch.setenv("LLAVA_KERNELS", "ref")
+    assert kernels.backend(x) == "ref"
+    monkeypatch.setenv("LLAVA_KERNELS", "triton")
+    assert kernels.backend(x) == "triton"
+    monkeypatch.setenv("LLAVA_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="expected 'ref', 'triton' or 'auto'"):
+        kernels.backend(x)
+
+
+def test_model_runs_on_the_triton_kernels(monkeypatch):
+    """Both towers go through kernels.attention: forcing Triton gives the reference model's logits and grads."""
+    from conftest import make_hf_model
+    from model import LlavaNext
+    from test_model import batch_for
+    import tempfile
+    hf = make_hf_model("llama")
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = LlavaNext.from_pretrained(d, device=DEVICE)
+    batch = batch_for(model)
+    n = int(batch["attention_mask"][1].sum())
+    ids, px, sizes = batch["input_ids"][1:2, :n].to(DEVICE), batch["pixel_values"][:1].to(DEVICE), \
+        batch["image_sizes"][:1]
+    out = {}
+    for backend in ("ref", "triton"):
+        monkeypatch.setenv("LLAVA_KERNELS", backend)
+        model.zero_grad()
+        logits = model(ids, px, sizes)
+        logits.float().logsumexp(-1).sum().backward()
+        out[backend] = (logits.detach(), model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.grad.clone(),
+                        model.language_model.layers[1].self_attn.k_proj.weight.grad.clone())
+    for a, b in zip(out["triton"], out["ref"]):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
