@@ -58,8 +58,9 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
@@ -67,15 +68,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, attn_mask=None, cu_seqlens=None, max_seqlen=None, kv=None):
-        """x (B, T, C) or packed (1, N, C) with cu_seqlens. kv: a callable (k, v) -> (k_all, v_all) for a KV cache."""
+    def forward(self, x, cos, sin, attn_mask=None, cu_seqlens=None, max_seqlen=None, cache=None):
+        """x (B, T, C), or packed (1, N, C) with cu_seqlens. A KV cache stores k, v and does the attention itself."""
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if kv is not None:
-            k, v = kv(k, v)                                                  # (B, S, Hkv, D), S >= T
-        if cu_seqlens is not None:
+        if cache is not None:
+            o = cache.attend(self.layer_idx, q, k, v)
+        elif cu_seqlens is not None:
             o = kernels.attention(q[0], k[0], v[0], causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[None]
         else:
             o = kernels.attention(q, k, v, causal=True, attn_mask=attn_mask)  # (B, T, Hq, D)
@@ -94,15 +95,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, cu_seqlens=None, max_seqlen=None, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cu_seqlens, max_seqlen, kv)
+    def forward(self, x, cos, sin, attn_mask=None, cu_seqlens=None, max_seqlen=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cu_seqlens, max_seqlen, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,7 +127,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self._inv_freq = None       # fp32 RoPE frequencies, made on first use (not a buffer: .to(bf16) must not touch it)
         self.grad_checkpointing = False
@@ -139,20 +140,17 @@ class Llama(nn.Module):
     def forward(self, x, position_ids, attention_mask=None, cu_seqlens=None, max_seqlen=None, cache=None):
         """Input embeddings x (B, T, C) -> final normed hidden states (B, T, C).
 
-        attention_mask (B, S) marks real tokens among the S = past + T positions (None: all real, no mask built).
-        cu_seqlens: packed sequences in a (1, N, C) batch. cache: a KV cache with .layer(i) -> kv callable.
+        attention_mask (B, T) marks real tokens (None: all real, no mask is built). cu_seqlens: packed sequences in
+        a (1, N, C) batch. cache: a KV cache (model/generation.py), which masks and attends by itself.
         """
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
         attn_mask = None
-        if cu_seqlens is None and (attention_mask is not None or cache is not None):
-            if attention_mask is None:
-                attention_mask = torch.ones(x.shape[0], cache.length + x.shape[1], dtype=torch.bool, device=x.device)
+        if cu_seqlens is None and cache is None and attention_mask is not None:
             attn_mask = causal_padding_mask(attention_mask, x.shape[1])
-        for i, layer in enumerate(self.layers):
-            kv = cache.layer(i) if cache is not None else None
+        for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, cu_seqlens, max_seqlen, kv,
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, cu_seqlens, max_seqlen, cache,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cu_seqlens, max_seqlen, kv)
+                x = layer(x, cos, sin, attn_mask, cu_seqlens, max_seqlen, cache)
         return self.norm(x)

@@ -5,6 +5,7 @@ then each image's crop features are stitched into one map, unpadded, given a new
 after the squashed base image's features. Those rows replace the image tokens of input_ids, in order.
 """
 
+import json
 import os
 
 import torch
@@ -41,6 +42,9 @@ class LlavaNext(nn.Module):
         self.language_model = Llama(config.text)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        # where generation stops by default: generation_config.json's eos ids when the checkpoint has one
+        eos = config.text.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
 
     @property
     def output_weight(self):
@@ -108,22 +112,31 @@ class LlavaNext(nn.Module):
         return x
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
-                cu_seqlens=None, max_seqlen=None, cache=None, image_features=None, return_hidden=False):
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
+                cu_seqlens=None, max_seqlen=None, cache=None, image_features=None, inputs_embeds=None,
+                return_hidden=False):
         """input_ids (B, T) -> logits (B, T, V), or the final normed hidden states (B, T, C) with return_hidden.
 
-        attention_mask (B, T) (or (B, past + T) with a cache) marks real tokens; positions follow it, so left- and
-        right-padded batches give each sample what it gets alone. cu_seqlens packs several samples in one row.
+        attention_mask (B, T) marks real tokens; positions follow it, so left- and right-padded batches give each
+        sample what it gets alone. cu_seqlens packs several samples in one row. A KV cache (generation) brings its
+        own mask; position_ids must then be given. inputs_embeds replaces input_ids (already embedded tokens).
         """
-        x = self.embed(input_ids, pixel_values, image_sizes, image_features)
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, pixel_values, image_sizes,
+                                                                        image_features)
+        B, T = x.shape[:2]
         if position_ids is None:
-            position_ids = positions(B, T, past, attention_mask, cu_seqlens, x.device)
-        if attention_mask is not None and cu_seqlens is None and attention_mask.shape[1] != past + T:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, expected {past + T}")
+            if cache is not None:
+                raise ValueError("forward with a KV cache needs explicit position_ids")
+            position_ids = positions(B, T, attention_mask, cu_seqlens, x.device)
+        if attention_mask is not None and cu_seqlens is None and cache is None and attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, T)}")
         h = self.language_model(x, position_ids, attention_mask, cu_seqlens, max_seqlen, cache)
         return h if return_hidden else F.linear(h, self.output_weight)
+
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+        """Batched decoding with a KV cache; see model.generation.generate for the arguments."""
+        from model.generation import generate
+        return generate(self, input_ids, pixel_values, image_sizes, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ weights
     @classmethod
@@ -153,6 +166,12 @@ class LlavaNext(nn.Module):
                                    optional={"lm_head.weight"} if config.tie_word_embeddings else ())
         model.load_state_dict(state, strict=True, assign=True)
         model.freeze_unused()
+        gen_config = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_config):
+            with open(gen_config) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                model.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
         return model
 
     def freeze_unused(self):
@@ -191,7 +210,7 @@ class LlavaNext(nn.Module):
         self.freeze_unused()
 
 
-def positions(B, T, past, attention_mask, cu_seqlens, device):
+def positions(B, T, attention_mask, cu_seqlens, device):
     """RoPE positions: restart per packed sequence; count only real tokens under a padding mask."""
     if cu_seqlens is not None:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -199,6 +218,5 @@ def positions(B, T, past, attention_mask, cu_seqlens, device):
         return (torch.arange(T, device=device) - starts)[None]
     if attention_mask is not None:
         mask = attention_mask.long()
-        pos = torch.where(mask.bool(), mask.cumsum(-1) - 1, torch.arange(mask.shape[1], device=device)[None])
-        return pos[:, past:]
-    return torch.arange(past, past + T, device=device)[None].expand(B, T)
+        return torch.where(mask.bool(), mask.cumsum(-1) - 1, torch.arange(T, device=device)[None])
+    return torch.arange(T, device=device)[None].expand(B, T)
