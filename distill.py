@@ -1,0 +1,504 @@
+"""Stage 1 (paper §1, §2.4-2.5): distil chain-of-thought rationales from a teacher into SFT rows.
+
+The teacher writes a rationale ending in "### Answer: X" for each short-answer QA record; only rows whose answer
+matches the annotation under the dataset's metric are kept (data/answers.py). Output: ShareGPT-4o-Reasoning rows.
+
+    # the built-in offline teacher on the synthetic chart task (no network)
+    python distill.py --data data/train.jsonl --image-root data --out sft/cot.jsonl --teacher synthetic --with-direct
+    # GPT-4o (key from OPENAI_API_KEY), 32 requests in flight, a budget, the reference answer as a hint
+    python distill.py --data chartqa_train.jsonl --image-root images --out sft/chartqa.jsonl --teacher openai \\
+        --model gpt-4o-2024-05-13 --concurrency 32 --max-cost 50 --hint-answer --with-direct
+    # any OpenAI-compatible server (vLLM, SGLang, ...); --dry-run first to see the request count and the cost
+    python distill.py ... --teacher openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2-VL-72B-Instruct
+    # the Batch API: half the price; rerun the same command to poll and ingest (the batch id is kept beside --out)
+    python distill.py ... --teacher openai --batch-api
+
+Beside OUT: OUT.dropped.jsonl (filtered rows and unreadable images, with the reason: the audit trail),
+OUT.failed.jsonl (requests that failed this run; a rerun retries them), OUT.batch.json (a Batch API job).
+Rerunning the same command resumes: ids already in OUT or OUT.dropped.jsonl are skipped, and every id is written
+once. A kill at any moment loses at most the requests in flight.
+"""
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+
+from tqdm import tqdm
+
+from data.answers import grade
+from data.formats import Appender, FormatError, done_ids, load_qa, read_jsonl, repair_tail
+from data.prompts import LETTERS, TEACHER_SYSTEM, family, model_prompt, teacher_prompt
+
+# $ per 1M (input, output) tokens, live API; the Batch API costs half
+PRICES = {"gpt-4o-2024-05-13": (5.00, 15.00), "gpt-4o-2024-08-06": (2.50, 10.00), "gpt-4o-2024-11-20": (2.50, 10.00),
+          "gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60), "gpt-4o-mini-2024-07-18": (0.15, 0.60),
+          "gpt-4.1": (2.00, 8.00), "gpt-4.1-mini": (0.40, 1.60), "gpt-4-turbo-2024-04-09": (10.00, 30.00)}
+MIN_SCORE = {"doc": 0.5, "text": 0.3}      # ANLS's own threshold; VQA accuracy of one agreeing annotator
+
+
+class Fatal(Exception):
+    """Stops the run: bad key, no access, unknown model. Retrying cannot help."""
+
+
+class RecordFailed(Exception):
+    """This record failed (after retries); the run goes on and a rerun tries it again."""
+
+
+def scrub(text):
+    key = os.environ.get("OPENAI_API_KEY")
+    return text.replace(key, "***") if key else text
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+def cot_row(rec, answer, rationale, usage, model):
+    body = rationale.rsplit("###", 1)[0].rstrip() if "###" in rationale else rationale.strip()
+    if rec.get("choices"):                           # MC targets read "A. uk", as in the released data
+        answer = f"{answer}. {rec['choices'][LETTERS.index(answer)]}" if answer in LETTERS[:len(rec["choices"])] \
+            else answer
+    return {"id": rec["id"], "image": rec.get("image"), "dataset": rec["dataset"],
+            "conversations": [{"from": "human", "value": model_prompt(rec, "cot")},
+                              {"from": "gpt", "value": f"{body}\n\n### Answer: {answer}"}],
+            "teacher": {"model": model, **usage}}
+
+
+def direct_row(rec):
+    return {"id": f"{rec['id']}_direct", "image": rec.get("image"), "dataset": rec["dataset"],
+            "conversations": [{"from": "human", "value": model_prompt(rec, "direct")},
+                              {"from": "gpt", "value": str(rec["answers"][0])}]}
+
+
+class Sink:
+    """Grades teacher outputs and writes each record's rows in one flushed append."""
+
+    def __init__(self, args, min_score):
+        base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
+        self.paths = {"out": args.out, "dropped": base + ".dropped.jsonl", "failed": base + ".failed.jsonl",
+                      "batch": base + ".batch.json"}
+        for p in (self.paths["out"], self.paths["dropped"]):
+            repair_tail(p)
+        done_out = done_ids(self.paths["out"])
+        self.done = {i for i in done_out if not i.endswith("_direct")} | done_ids(self.paths["dropped"])
+        self.bad_images = {str(row["id"]) for _, row in read_jsonl(self.paths["dropped"])
+                           if str(row.get("reason", "")).startswith("image:")} \
+            if os.path.exists(self.paths["dropped"]) else set()
+        self.direct_done = {i[:-len("_direct")] for i in done_out if i.endswith("_direct")}
+        self.out, self.dropped = Appender(self.paths["out"]), Appender(self.paths["dropped"])
+        self.failed = open(self.paths["failed"], "w")
+        self.args, self.min_score = args, min_score
+        self.counts = {"kept": 0, "filtered": 0, "no marker": 0, "bad image": 0, "failed": 0}
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+
+    def _direct(self, rec):
+        if self.args.with_direct and rec["id"] not in self.direct_done:
+            self.direct_done.add(rec["id"])
+            return [direct_row(rec)]
+        return []
+
+    def result(self, rec, text, usage):
+        for k in self.usage:
+            self.usage[k] += usage.get(k, 0)
+        answer, score, found = grade(rec, text)
+        if found and score >= self.min_score(rec):
+            self.out.write(cot_row(rec, answer, text, usage, self.args.model), *self._direct(rec))
+            self.counts["kept"] += 1
+        else:
+            reason = "no '### Answer:' marker" if not found else "answer does not match the annotation"
+            self.counts["no marker" if not found else "filtered"] += 1
+            self.dropped.write({"id": rec["id"], "dataset": rec["dataset"], "reason": reason, "teacher_answer": answer,
+                                "gold": rec["answers"], "score": score, "response": text,
+                                "teacher": {"model": self.args.model, **usage}})
+            if self.args.with_direct:                # the direct row comes from the annotation, not the teacher
+                if d := self._direct(rec):
+                    self.out.write(*d)
+        self.done.add(rec["id"])
+
+    def bad_image(self, rec, err):
+        self.counts["bad image"] += 1
+        self.bad_images.add(rec["id"])
+        self.dropped.write({"id": rec["id"], "dataset": rec["dataset"], "reason": f"image: {err}"})
+        self.done.add(rec["id"])
+
+    def fail(self, rec, err):
+        self.counts["failed"] += 1
+        self.failed.write(json.dumps({"id": rec["id"], "error": scrub(str(err))}) + "\n")
+        self.failed.flush()
+
+    def close(self):
+        self.out.close(), self.dropped.close(), self.failed.close()
+
+
+# ------------------------------------------------------------------------------------------------ images, cost
+
+def load_image_url(path):
+    """A data URL of the file's own bytes (no re-encoding), after checking that it is an image."""
+    from PIL import Image
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.verify()
+            fmt = (img.format or "PNG").lower()
+    except Exception as e:                            # PIL raises many types for a file that is not an image
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
+    if fmt not in ("png", "jpeg", "gif", "webp"):
+        from PIL import Image as I
+        buf = io.BytesIO()
+        I.open(io.BytesIO(raw)).convert("RGB").save(buf, "PNG")
+        raw, fmt = buf.getvalue(), "png"
+    return f"data:image/{fmt};base64,{base64.b64encode(raw).decode()}"
+
+
+def image_tokens(width, height, detail="auto"):
+    """GPT-4o's image token count: 85 + 170 per 512 px tile after fitting 2048 px and a 768 px short side."""
+    if detail == "low":
+        return 85
+    s = min(1.0, 2048 / max(width, height))
+    w, h = width * s, height * s
+    s = min(1.0, 768 / min(w, h))
+    return 85 + 170 * math.ceil(w * s / 512) * math.ceil(h * s / 512)
+
+
+def estimate_tokens(rec, args):
+    from PIL import Image
+    tokens = (len(TEACHER_SYSTEM) + len(teacher_prompt(rec, args.hint_answer))) // 4 + 20
+    if rec.get("image"):
+        try:
+            with Image.open(os.path.join(args.image_root, rec["image"])) as img:
+                tokens += image_tokens(*img.size, args.image_detail)
+        except Exception:
+            pass
+    return tokens, args.est_output_tokens
+
+
+def price(args):
+    """($ per input token, $ per output token), or None when unknown (a local server)."""
+    p = (args.price_in, args.price_out) if args.price_in is not None else PRICES.get(args.model)
+    if p is None:
+        return None
+    half = 0.5 if args.batch_api else 1.0
+    return p[0] * half / 1e6, p[1] * half / 1e6
+
+
+def cost(usage, rates):
+    return usage["prompt_tokens"] * rates[0] + usage["completion_tokens"] * rates[1] if rates else 0.0
+
+
+def spent_so_far(sink, rates):
+    """What earlier runs paid: the usage recorded in the rows they wrote."""
+    total = {"prompt_tokens": 0, "completion_tokens": 0}
+    for path in (sink.paths["out"], sink.paths["dropped"]):
+        if os.path.exists(path):
+            for _, row in read_jsonl(path):
+                for k in total:
+                    total[k] += (row.get("teacher") or {}).get(k, 0)
+    return cost(total, rates)
+
+
+# ------------------------------------------------------------------------------------------------ the teachers
+
+def messages(rec, args, image_url):
+    content = [{"type": "text", "text": teacher_prompt(rec, args.hint_answer)}]
+    if image_url:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_url, "detail": args.image_detail}})
+    return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": content}]
+
+
+def retry_after(err):
+    """Seconds the server asked us to wait (Retry-After / retry-after-ms), if any."""
+    headers = getattr(getattr(err, "response", None), "headers", None) or {}
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        if headers.get("retry-after"):
+            return float(headers["retry-after"])
+    except ValueError:
+        return None
+    return None
+
+
+async def ask(client, rec, args, image_url):
+    """One chat completion with retries: 429 / 5xx / timeouts / malformed bodies back off (Retry-After honoured);
+    401 / 403 / 404 stop the run."""
+    import openai
+    last = None
+    for attempt in range(args.max_retries + 1):
+        try:
+            resp = await client.chat.completions.create(
+                model=args.model, messages=messages(rec, args, image_url), max_tokens=args.max_tokens,
+                temperature=args.temperature, timeout=args.timeout)
+            text = resp.choices[0].message.content
+            if not isinstance(text, str) or not text.strip():
+                raise RecordFailed("empty response")
+            u = resp.usage
+            return text, {"prompt_tokens": getattr(u, "prompt_tokens", 0) or 0,
+                          "completion_tokens": getattr(u, "completion_tokens", 0) or 0}
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+            raise Fatal(f"{type(e).__name__} ({e.status_code}): {scrub(str(e))}") from None
+        except openai.RateLimitError as e:
+            if getattr(e, "code", None) == "insufficient_quota":
+                raise Fatal(f"the account is out of quota: {scrub(str(e))}") from None
+            last, wait = e, retry_after(e)
+        except (openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError) as e:
+            last, wait = e, retry_after(e)
+        except openai.APIStatusError as e:            # other 4xx (400 bad request ...): this record only
+            raise RecordFailed(f"{e.status_code}: {scrub(str(e))}") from None
+        except (openai.APIResponseValidationError, ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+            last, wait = e, None                      # a malformed body: try again
+        if attempt == args.max_retries:
+            break
+        backoff = min(args.max_backoff, args.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+        await asyncio.sleep(wait if wait is not None else backoff)
+    raise RecordFailed(f"gave up after {args.max_retries} retries: {type(last).__name__}: {scrub(str(last))}")
+
+
+async def run_live(pending, args, sink, rates, budget_left):
+    from openai import AsyncOpenAI
+    client = AsyncOpenAI(base_url=args.base_url, max_retries=0, timeout=args.timeout)
+    queue = list(reversed(pending))
+    state = {"fatal": None, "budget": False, "in_flight": 0.0, "shown": 0.0}
+    bar = tqdm(total=len(pending), desc="distill", unit="q", dynamic_ncols=True)
+
+    async def worker():
+        while queue and not state["fatal"]:
+            rec = queue.pop()
+            est = 0.0
+            if budget_left is not None:                   # spent + in flight + this one must stay in the budget
+                est = cost(dict(zip(("prompt_tokens", "completion_tokens"), estimate_tokens(rec, args))), rates)
+                if cost(sink.usage, rates) + state["in_flight"] + est > budget_left:
+                    state["budget"] = True
+                    queue.clear()
+                    break
+            image_url = None
+            if rec.get("image"):
+                try:
+                    image_url = await asyncio.to_thread(load_image_url, os.path.join(args.image_root, rec["image"]))
+                except (OSError, ValueError) as e:
+                    sink.bad_image(rec, scrub(str(e)))
+                    bar.update(1)
+                    continue
+            state["in_flight"] += est
+            try:
+                text, usage = await ask(client, rec, args, image_url)
+                sink.result(rec, text, usage)
+            except RecordFailed as e:
+                sink.fail(rec, e)
+            except Fatal as e:
+                state["fatal"] = str(e)
+            finally:
+                state["in_flight"] -= est
+            bar.update(1)
+            if time.time() - state["shown"] > 0.5:         # the postfix costs more than a request: throttle it
+                state["shown"] = time.time()
+                bar.set_postfix(kept=sink.counts["kept"], dropped=sink.counts["filtered"] + sink.counts["no marker"],
+                                failed=sink.counts["failed"], cost=f"${cost(sink.usage, rates):.2f}")
+
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    bar.close()
+    await client.close()
+    return state
+
+
+def run_batch(pending, args, sink):
+    """The OpenAI Batch API: write the requests, upload, create the batch (its id saved beside --out), poll,
+    download and ingest through the same filter. A rerun of the same command picks the saved batch up again."""
+    from openai import OpenAI
+    client = OpenAI(base_url=args.base_url, max_retries=args.max_retries, timeout=args.timeout)
+    by_id = {r["id"]: r for r in pending}
+    if os.path.exists(sink.paths["batch"]):
+        with open(sink.paths["batch"]) as f:
+            state = json.load(f)
+        print(f"resuming batch {state['batch_id']}")
+    else:
+        req_path = sink.paths["batch"][:-len(".json")] + ".requests.jsonl"
+        ids = []
+        with open(req_path, "w") as f:
+            for rec in pending[:args.batch_size]:
+                try:
+                    url = load_image_url(os.path.join(args.image_root, rec["image"])) if rec.get("image") else None
+                except (OSError, ValueError) as e:
+                    sink.bad_image(rec, str(e))
+                    continue
+                body = {"model": args.model, "messages": messages(rec, args, url), "max_tokens": args.max_tokens,
+                        "temperature": args.temperature}
+                f.write(json.dumps({"custom_id": rec["id"], "method": "POST", "url": "/v1/chat/completions",
+                                    "body": body}) + "\n")
+                ids.append(rec["id"])
+        if not ids:
+            return {}
+        with open(req_path, "rb") as f:
+            uploaded = client.files.create(file=f, purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        state = {"batch_id": batch.id, "input_file_id": uploaded.id, "requests": len(ids)}
+        with open(sink.paths["batch"], "w") as f:
+            json.dump(state, f)
+        print(f"created batch {batch.id} with {len(ids)} requests (saved in {sink.paths['batch']})")
+    while True:
+        batch = client.batches.retrieve(state["batch_id"])
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            break
+        if args.no_wait:
+            print(f"batch {batch.id} is {batch.status}; rerun the same command to ingest it when it is done")
+            return {"pending": True}
+        time.sleep(args.poll_interval)
+    if batch.status != "completed" or not batch.output_file_id:
+        os.remove(sink.paths["batch"])
+        raise SystemExit(f"batch {batch.id} ended {batch.status}; its state file was removed, rerun to retry")
+    for line in client.files.content(batch.output_file_id).text.splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        rec = by_id.get(item.get("custom_id"))
+        if rec is None or rec["id"] in sink.done:
+            continue
+        resp = item.get("response") or {}
+        try:
+            if resp.get("status_code") != 200:
+                raise RecordFailed(f"status {resp.get('status_code')}: {item.get('error')}")
+            body = resp["body"]
+            text, usage = body["choices"][0]["message"]["content"], body.get("usage") or {}
+            sink.result(rec, text, {"prompt_tokens": usage.get("prompt_tokens", 0),
+                                    "completion_tokens": usage.get("completion_tokens", 0)})
+        except (RecordFailed, KeyError, IndexError, TypeError) as e:
+            sink.fail(rec, e)
+    os.remove(sink.paths["batch"])
+    return {}
+
+
+def run_synthetic(pending, args, sink):
+    from data.synthetic import teacher
+    rng = random.Random(args.seed)
+    for rec in tqdm(pending, desc="distill (synthetic teacher)", unit="q", dynamic_ncols=True):
+        if "meta" not in rec or "chart" not in rec.get("meta", {}):
+            raise SystemExit(f"record {rec['id']}: the synthetic teacher needs the chart data ('meta') that "
+                             "python -m data.synthetic writes")
+        path = os.path.join(args.image_root, rec["image"]) if rec.get("image") else None
+        if path and not os.path.exists(path):
+            sink.bad_image(rec, f"image not found: {path}")
+            continue
+        sink.result(rec, teacher(rec, rng, args.error_rate), {"prompt_tokens": 0, "completion_tokens": 0})
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    ap.add_argument("--data", nargs="+", required=True, help="QA record JSONL file(s)")
+    ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
+    ap.add_argument("--out", required=True, help="SFT JSONL to append to (side files are written beside it)")
+    ap.add_argument("--with-direct", action="store_true", help="also write a direct-answer row per record")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N records")
+    ap.add_argument("--min-score", type=float, default=None,
+                    help="keep a row when its metric score reaches this (default 1; ANLS sets 0.5, VQA acc 0.3)")
+    # teacher
+    ap.add_argument("--teacher", choices=["openai", "synthetic"], required=True)
+    ap.add_argument("--model", default="gpt-4o-2024-05-13", help="teacher model (the paper's GPT-4o)")
+    ap.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    ap.add_argument("--hint-answer", action="store_true", help="give the teacher the gold short answer as a hint")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="teacher output limit")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--image-detail", default="auto", choices=["auto", "low", "high"])
+    ap.add_argument("--error-rate", type=float, default=0.0, help="synthetic teacher: share of rationales with a slip")
+    ap.add_argument("--seed", type=int, default=0)
+    # the API
+    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    ap.add_argument("--max-retries", type=int, default=6, help="per request, on 429 / 5xx / timeouts")
+    ap.add_argument("--backoff", type=float, default=1.0, help="first retry wait (doubles, jittered)")
+    ap.add_argument("--max-backoff", type=float, default=60.0)
+    ap.add_argument("--batch-api", action="store_true", help="use the Batch API (half price, asynchronous)")
+    ap.add_argument("--batch-size", type=int, default=50000, help="requests per batch (the API's limit is 50k)")
+    ap.add_argument("--poll-interval", type=float, default=30.0, help="seconds between batch status checks")
+    ap.add_argument("--no-wait", action="store_true", help="batch: submit or check, then exit")
+    # money
+    ap.add_argument("--max-cost", type=float, default=None, help="stop sending requests once the spend (USD, this "
+                                                                   "and earlier runs) would pass this")
+    ap.add_argument("--dry-run", action="store_true", help="print the request count and estimated cost, send none")
+    ap.add_argument("--price-in", type=float, default=None, help="USD per 1M input tokens (overrides the table)")
+    ap.add_argument("--price-out", type=float, default=None, help="USD per 1M output tokens")
+    ap.add_argument("--est-output-tokens", type=int, default=250, help="output tokens per answer, for estimates")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---- records: every line validated before any request is sent
+    try:
+        records = load_qa(args.data)
+    except (FormatError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.limit:
+        records = records[:args.limit]
+    def min_score(rec):
+        return args.min_score if args.min_score is not None else MIN_SCORE.get(family(rec["dataset"]), 1.0)
+
+    if args.teacher == "synthetic":
+        args.model = "synthetic"
+    if args.teacher == "openai" and not args.dry_run and not os.environ.get("OPENAI_API_KEY"):
+        raise SystemExit("error: OPENAI_API_KEY is not set (a local server that ignores keys still needs a dummy one)")
+    sink = Sink(args, min_score)
+    pending = [r for r in records if r["id"] not in sink.done]
+    # a kill between a record's row and its direct row: write the missing direct rows now
+    if args.with_direct:
+        for r in records:
+            if r["id"] in sink.done and r["id"] not in sink.direct_done and r["id"] not in sink.bad_images:
+                sink.out.write(*sink._direct(r))
+    print(f"{len(records)} records, {len(records) - len(pending)} already done, {len(pending)} to go")
+    rates = price(args) if args.teacher == "openai" else None
+    if args.teacher == "openai" and rates is None:
+        print(f"note: no price known for {args.model!r}; costs show as $0 (give --price-in/--price-out)")
+
+    if args.dry_run:
+        tin = sum(estimate_tokens(r, args)[0] for r in pending)
+        tout = len(pending) * args.est_output_tokens
+        print(f"dry run: {len(pending)} requests, ~{tin:,} input + ~{tout:,} output tokens, estimated "
+              f"${cost({'prompt_tokens': tin, 'completion_tokens': tout}, rates):.2f}"
+              f"{' (Batch API price)' if args.batch_api else ''}; nothing was sent")
+        sink.close()
+        return 0
+    t0 = time.time()
+    before = spent_so_far(sink, rates) if rates else 0.0
+    status = {}
+    if args.teacher == "synthetic":
+        run_synthetic(pending, args, sink)
+    elif args.batch_api:
+        status = run_batch(pending, args, sink)
+    else:
+        budget_left = None if args.max_cost is None else args.max_cost - before
+        status = asyncio.run(run_live(pending, args, sink, rates, budget_left))
+    sink.close()
+
+    # ---- summary
+    dt = time.time() - t0
+    c = sink.counts
+    done = sum(c.values()) - c["failed"]
+    print(f"kept {c['kept']} | filtered {c['filtered']} (answer mismatch) + {c['no marker']} (no marker) | "
+          f"bad images {c['bad image']} | failed {c['failed']} (retried on rerun) | {dt:.1f}s, "
+          f"{(done + c['failed']) / max(dt, 1e-9):.1f} req/s")
+    if args.teacher == "openai":
+        u = sink.usage
+        print(f"tokens this run: {u['prompt_tokens']:,} in, {u['completion_tokens']:,} out; cost this run "
+              f"${cost(u, rates):.2f}, all runs ${before + cost(u, rates):.2f}")
+    print(f"wrote {sink.paths['out']} (audit: {sink.paths['dropped']})")
+    if status.get("fatal"):
+        print(f"error: {status['fatal']}\nstopped; finished answers are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 2
+    if status.get("budget"):
+        print(f"stopped at the --max-cost budget (${args.max_cost:.2f}); finished answers are kept, rerun with a "
+              "higher --max-cost to continue", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
