@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from model.anyres import grid_shape, num_crops, unpadded_shape
 from model.clip import CLIPVisionTower, activation
 from model.config import LlavaNextConfig
@@ -114,12 +115,17 @@ class LlavaNext(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 cu_seqlens=None, max_seqlen=None, cache=None, image_features=None, inputs_embeds=None,
-                return_hidden=False):
-        """input_ids (B, T) -> logits (B, T, V), or the final normed hidden states (B, T, C) with return_hidden.
+                return_hidden=False, targets=None, keep_vision_in_graph=False):
+        """input_ids (B, T) -> logits (B, T, V); or the final normed hidden states (B, T, C) with return_hidden; or,
+        given targets (B, T) (the next token at each position, -100 where not trained), fp32 log p(target) per
+        position (0 where ignored) through kernels.token_logprobs, so the [B, T, V] logits never exist. Training
+        calls this inside the (DDP / FSDP-wrapped) forward, where an FSDP-sharded head is whole.
 
         attention_mask (B, T) marks real tokens; positions follow it, so left- and right-padded batches give each
         sample what it gets alone. cu_seqlens packs several samples in one row. A KV cache (generation) brings its
         own mask; position_ids must then be given. inputs_embeds replaces input_ids (already embedded tokens).
+        keep_vision_in_graph: a batch without images still runs the vision tower on one blank crop at weight 0, so
+        that every rank's vision parameters join the gradient reduction (DDP and FSDP would wait for them).
         """
         x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, pixel_values, image_sizes,
                                                                         image_features)
@@ -130,8 +136,26 @@ class LlavaNext(nn.Module):
             position_ids = positions(B, T, attention_mask, cu_seqlens, x.device)
         if attention_mask is not None and cu_seqlens is None and cache is None and attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, T)}")
+        if keep_vision_in_graph and (pixel_values is None or len(pixel_values) == 0) and image_features is None \
+                and any(p.requires_grad for p in self.multi_modal_projector.parameters()) | any(
+                    p.requires_grad for p in self.vision_tower.parameters()):
+            S = self.config.vision.image_size
+            blank = torch.zeros(1, 3, S, S, device=x.device, dtype=x.dtype)
+            f = self.multi_modal_projector(self.vision_tower(blank, self.config.feature_layers,
+                                                             self.config.vision_feature_select_strategy))
+            x = x + 0.0 * (f.sum() + self.image_newline.sum()).to(x.dtype)
         h = self.language_model(x, position_ids, attention_mask, cu_seqlens, max_seqlen, cache)
-        return h if return_hidden else F.linear(h, self.output_weight)
+        if targets is None:
+            return h if return_hidden else F.linear(h, self.output_weight)
+        w = self.output_weight
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        lp = kernels.token_logprobs(h.reshape(B * T, -1).to(dtype), w.to(dtype), targets.reshape(-1))
+        return lp.view(B, T)
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Recompute each block's activations in the backward (both towers): memory for compute."""
+        self.vision_tower.grad_checkpointing = enabled
+        self.language_model.grad_checkpointing = enabled
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
         """Batched decoding with a KV cache; see model.generation.generate for the arguments."""
@@ -180,12 +204,21 @@ class LlavaNext(nn.Module):
         for p in self.vision_tower.unused_parameters(self.config.feature_layers):
             p.requires_grad_(False)
 
-    def save_pretrained(self, path, max_shard_size="5GB"):
-        """Write config.json and safetensors in the llava-hf Hub layout (what transformers and vLLM load)."""
+    def save_pretrained(self, path, max_shard_size="5GB", dtype=None, state_dict=None):
+        """Write config.json and safetensors in the llava-hf Hub layout (what transformers and vLLM load).
+
+        state_dict: our-named tensors to write instead of this module's own (a full state dict gathered from
+        FSDP shards, say); dtype: cast floating tensors on the way out (bf16 checkpoints from fp32 training)."""
         os.makedirs(path, exist_ok=True)
-        state = {rename(k, TO_HUB): v for k, v in self.state_dict().items()}
-        save_state_dict(state, path, max_shard_size)
-        self.config.save_json(os.path.join(path, "config.json"), dtype=self.image_newline.dtype)
+        state = state_dict if state_dict is not None else self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_state_dict({rename(k, TO_HUB): v for k, v in state.items()}, path, max_shard_size)
+        first = next(v for v in state.values() if v.is_floating_point())
+        self.config.save_json(os.path.join(path, "config.json"), dtype=first.dtype)
+        if self.eos_token_ids:
+            with open(os.path.join(path, "generation_config.json"), "w") as f:
+                json.dump({"bos_token_id": self.config.text.bos_token_id, "eos_token_id": self.eos_token_ids}, f)
 
     @torch.no_grad()
     def init_weights(self, seed=0):

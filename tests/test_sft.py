@@ -1,0 +1,223 @@
+"""train_sft.py on a tiny model (CPU): learning, equivalence across process counts, exact resume, atomic
+checkpoints, packing, freezing and per-module learning rates, mixed text-only / image ranks, bad data."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_sft
+from common import checkpoints, write_checkpoint
+from conftest import ROOT, assert_close, build_tiny_model_dir
+from model import LlavaNext, Processor
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model_dir(str(tmp_path_factory.mktemp("tiny")))
+
+
+def args_for(tiny, out, *extra):
+    model, data, sft = tiny
+    return ["--model", model, "--data", sft, "--image-root", data, "--out", str(out), "--workers", "0", *extra]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def torchrun(argv, n=2):
+    with socket.socket() as s:                      # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
+           "train_sft.py", *argv]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def max_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_loss_falls_and_transformers_loads_the_checkpoint(tiny, tmp_path):
+    from transformers import LlavaNextForConditionalGeneration
+    out = tmp_path / "run"
+    assert train_sft.main(args_for(tiny, out, "--max-steps", "30", "--batch-size", "8", "--lr", "3e-3")) == 0
+    curve = losses(out)
+    assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.75 * sum(curve[:5]) / 5
+    ours = LlavaNext.from_pretrained(str(out / "final")).eval()
+    hf = LlavaNextForConditionalGeneration.from_pretrained(str(out / "final")).eval()
+    proc = Processor.from_pretrained(str(out / "final"))
+    rows = [json.loads(line) for line in open(tiny[2])][:3]
+    imgs = [proc.load_image(os.path.join(tiny[1], r["image"])) for r in rows]
+    px, sizes = proc.preprocess_images(imgs)
+    seqs = [proc.tokenize(r["conversations"], sizes[i:i + 1])[0] for i, r in enumerate(rows)]
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+    with torch.no_grad():
+        assert_close(ours(ids, px, sizes, mask), hf(input_ids=ids, pixel_values=px, image_sizes=sizes,
+                                                     attention_mask=mask).logits, 1e-4, "our checkpoint in transformers")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tiny, tmp_path, mode):
+    """Same global batch (4) three ways: 1 process x 4, 1 process x 2 x accumulation 2, 2 processes x 2.
+    Tolerance: losses to 1e-6 relative, weights to 1e-5 after 6 AdamW steps (fp32 summation order only)."""
+    common = ["--max-steps", "6", "--lr", "3e-3"]
+    one, accum, two = tmp_path / "one", tmp_path / "accum", tmp_path / "two"
+    train_sft.main(args_for(tiny, one, *common, "--batch-size", "4"))
+    train_sft.main(args_for(tiny, accum, *common, "--batch-size", "2", "--grad-accum", "2"))
+    torchrun(args_for(tiny, two, *common, "--batch-size", "2", *(["--fsdp"] if mode == "fsdp" else [])))
+    for other in (accum, two):
+        for a, b in zip(losses(one), losses(other)):
+            assert abs(a - b) <= 1e-6 * abs(a), (losses(one), losses(other))
+        assert max_diff(weights(one), weights(other)) <= 1e-5
+
+
+def test_killed_run_resumes_exactly(tiny, tmp_path):
+    common = ["--max-steps", "40", "--batch-size", "4", "--lr", "3e-3", "--save-every", "2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train_sft.main(args_for(tiny, straight, *common))
+    proc = subprocess.Popen([sys.executable, "train_sft.py", *args_for(tiny, killed, *common)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not checkpoints(str(killed)) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_at = int(checkpoints(str(killed))[-1].rsplit("-", 1)[1])
+    assert resumed_at < 40, "the run finished before the kill: nothing was resumed"
+    assert train_sft.main(args_for(tiny, killed, *common, "--resume")) == 0
+    assert losses(killed) == losses(straight)       # bit for bit
+    assert max_diff(weights(straight), weights(killed)) == 0
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tiny, tmp_path):
+    class Boom(Exception):
+        pass
+
+    out = tmp_path / "run"
+    train_sft.main(args_for(tiny, out, "--max-steps", "2", "--batch-size", "4", "--save-every", "1"))
+    before = checkpoints(str(out))
+
+    def half_written(tmp):
+        with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
+            f.write(b"\0" * 100)
+        raise Boom()
+
+    from common import Dist
+    with pytest.raises(Boom):
+        write_checkpoint(str(out), 3, half_written, Dist())
+    assert checkpoints(str(out)) == before
+    LlavaNext.from_pretrained(before[-1])            # still loadable
+    assert open(out / "latest").read().strip() == os.path.basename(before[-1])
+    # a real SIGKILL during training with a save every step: whatever survives loads
+    proc = subprocess.Popen([sys.executable, "train_sft.py", *args_for(tiny, tmp_path / "k", "--max-steps", "500",
+                                                                        "--batch-size", "4", "--save-every", "1")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(checkpoints(str(tmp_path / "k"))) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.13)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for c in checkpoints(str(tmp_path / "k")):
+        LlavaNext.from_pretrained(c)
+        torch.load(os.path.join(c, "trainer_state.pt"), weights_only=True)
+
+
+def test_packed_and_padded_batches_give_the_same_loss(tiny):
+    from data.collate import SFTDataset, collate, load_rows
+    model_dir, data, sft = tiny
+    proc = Processor.from_pretrained(model_dir)
+    model = LlavaNext.from_pretrained(model_dir).eval()
+    ds = SFTDataset(load_rows([sft])[:6], proc, data)
+    samples = [ds[i] for i in range(6)]
+    with torch.no_grad():
+        padded = collate(samples, pack=False)
+        lp_pad = model(padded["input_ids"], padded["pixel_values"], padded["image_sizes"], padded["attention_mask"],
+                       targets=padded["targets"])
+        packed = collate(samples, pack=True)
+        lp_pack = model(packed["input_ids"], packed["pixel_values"], packed["image_sizes"],
+                        cu_seqlens=packed["cu_seqlens"], max_seqlen=packed["max_seqlen"], targets=packed["targets"])
+    assert padded["supervised"] == packed["supervised"] > 0
+    torch.testing.assert_close(lp_pack.sum(), lp_pad.sum(), rtol=1e-6, atol=1e-4)
+
+
+def test_frozen_modules_and_per_module_learning_rates(tiny, tmp_path):
+    out = tmp_path / "run"
+    train_sft.main(args_for(tiny, out, "--max-steps", "3", "--batch-size", "4", "--lr", "1e-4", "--projector-lr",
+                            "1e-3", "--freeze-vision"))
+    base, after = load_file(os.path.join(tiny[0], "model.safetensors")), weights(out)
+    vision = [k for k in base if k.startswith("vision_tower.")]
+    assert vision and all(torch.equal(base[k], after[k]) for k in vision)
+    state = torch.load(out / "final" / "trainer_state.pt", weights_only=True)
+    lrs = {g["name"]: g["base_lr"] for g in state["optimizer"]["param_groups"]}
+    assert lrs == {"llm": 1e-4, "projector": 1e-3}
+
+    def mean_step(prefix):
+        keys = [k for k in base if k.startswith(prefix)]
+        return sum((after[k] - base[k]).abs().mean().item() for k in keys) / len(keys)
+
+    ratio = mean_step("multi_modal_projector.") / mean_step("language_model.model.layers.")
+    assert 5 < ratio < 20, ratio                    # AdamW moves each weight by about its group's lr per step
+
+
+def test_text_only_rank_and_image_rank_match_one_process(tiny, tmp_path):
+    """4 rows: the 2 long ones carry images, the 2 short ones none. Grouped by length, rank 0 gets the images and
+    rank 1 only text; the run must neither hang nor differ from one process."""
+    model_dir, data, sft = tiny
+    rows = [json.loads(line) for line in open(sft) if not json.loads(line)["id"].endswith("_direct")][:2]
+    mixed = tmp_path / "mixed.jsonl"
+    with open(mixed, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+            text = dict(r, id=r["id"] + "_text", image=None)
+            text["conversations"] = [dict(t, value=t["value"].replace("<image>\n", "")) for t in r["conversations"]]
+            f.write(json.dumps(text) + "\n")
+    common = ["--model", model_dir, "--data", str(mixed), "--image-root", data, "--workers", "0", "--max-steps", "3",
+              "--lr", "3e-3"]
+    train_sft.main(common + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
+    torchrun(common + ["--out", str(tmp_path / "two"), "--batch-size", "2"])
+    for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / "two")):
+        assert abs(a - b) <= 1e-6 * abs(a)
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
+
+
+def test_bad_data_is_counted_or_named(tiny, tmp_path, capsys):
+    model_dir, data, sft = tiny
+    good = json.loads(open(sft).readline())
+    bad = [dict(good, id="missing", image="images/nope.png"),
+           dict(good, id="corrupt", image="corrupt.png"),
+           dict(good, id="no_answer", conversations=[good["conversations"][0]]),
+           dict(good, id="two_tags", conversations=[dict(good["conversations"][0], value="<image>\n<image>\nQ?"),
+                                                    good["conversations"][1]])]
+    (tmp_path / "corrupt.png").write_text("not a png")
+    os.symlink(os.path.join(data, "images"), tmp_path / "images")
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good] * 3 + bad) + "\n")
+    argv = ["--model", model_dir, "--data", str(path), "--image-root", str(tmp_path), "--workers", "0",
+            "--out", str(tmp_path / "out")]
+    assert train_sft.main(argv + ["--check-data"]) == 1
+    report = capsys.readouterr().out
+    assert "7 rows: 3 usable, 4 skipped" in report
+    for reason in ("image not found", "not a readable image", "no assistant turn", "2 <image> tags but 1 images"):
+        assert reason in report
+    assert train_sft.main(argv + ["--max-steps", "2", "--batch-size", "2"]) == 0      # skipped with warnings
+    with pytest.raises(Exception, match=r"bad\.jsonl:\d+: "):
+        train_sft.main(argv + ["--max-steps", "3", "--batch-size", "2", "--strict", "--no-group-by-length",
+                               "--out", str(tmp_path / "strict")])

@@ -1,0 +1,383 @@
+"""Stage 2 (paper §4): supervised fine-tuning of LLaVA-NeXT on CoT + direct rows.
+
+    # one process (CPU, or one GPU)
+    python train_sft.py --model runs/base --data runs/sft/cot.jsonl --image-root runs/syn --out runs/sft \\
+        --max-steps 300 --batch-size 16 --lr 1e-3
+    # 8 GPUs, the paper's recipe for llama3-llava-next-8b: FSDP2, bf16, packed sequences, 1 epoch, batch 4 x 8 = 32,
+    # LLM lr 5e-6, vision tower 5e-7, cosine with 3% warm-up
+    torchrun --nproc_per_node 8 train_sft.py --model llama3-llava-next-8b-hf --image-root image_data --out runs/sft \\
+        --data sft_data/*/cot.none.jsonl sft_data/*/direct.none.jsonl --fsdp --batch-size 4 --lr 5e-6 \\
+        --vision-lr 5e-7 --epochs 1 --warmup-ratio 0.03 --grad-checkpointing --save-every 2000
+    # several nodes: the same command on each, with a rendezvous
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_sft.py ...
+    # find bad rows and images before paying for GPUs
+    python train_sft.py --model ... --data ... --image-root ... --out ... --check-data
+
+Checkpoints (every --save-every steps and at the end) are Hugging Face directories that LlavaNext.from_pretrained and
+transformers load, plus trainer_state.pt for an exact --resume. OUT/final points at the last one.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from common import (Dist, Metrics, Timer, checkpoints, load_trainer_state, lr_factor, peak_flops, print0, rng_state,
+                    seed_all, set_lr, set_rng_state, write_checkpoint)
+from data.collate import (SFTDataset, Skip, collate, estimate_length, global_batches, histogram, load_rows,
+                          micro_batches)
+from data.formats import FormatError
+from model import LlavaNext, Processor
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    ap.add_argument("--model", required=True, help="Hugging Face LLaVA-NeXT directory to start from")
+    ap.add_argument("--data", nargs="+", required=True, help="SFT JSONL files (ShareGPT-4o-Reasoning format)")
+    ap.add_argument("--ratios", nargs="+", type=float, default=None, help="per-file sampling ratio (default 1 each)")
+    ap.add_argument("--image-root", default=".", help="image paths in the rows are relative to this")
+    ap.add_argument("--out", required=True, help="output directory: checkpoints, metrics.jsonl, loss.png")
+    ap.add_argument("--max-len", type=int, default=6144, help="tokens per sample, image tokens included")
+    ap.add_argument("--overlong", choices=["truncate", "skip"], default="truncate",
+                    help="longer samples: cut in their text (never inside image tokens), or skip; counted either way")
+    ap.add_argument("--template", choices=["llava", "hf"], default="llava", help="chat template (model/processor.py)")
+    ap.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
+                    help="pack samples into one varlen sequence (auto: on CUDA; the CPU uses padded batches)")
+    ap.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (image decoding, anyres)")
+    ap.add_argument("--strict", action="store_true", help="bad rows / images are errors (default: counted, skipped)")
+    ap.add_argument("--check-data", action="store_true", help="validate every row and image, report, exit")
+    # optimisation
+    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch per process")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=float, default=5e-6, help="LLM learning rate (paper: 5e-6)")
+    ap.add_argument("--vision-lr", type=float, default=None, help="vision tower lr (paper: 5e-7; default lr / 10)")
+    ap.add_argument("--projector-lr", type=float, default=None, help="projector + image newline lr (default: --lr)")
+    ap.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    ap.add_argument("--freeze-projector", action="store_true", help="do not train the projector and image newline")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--warmup-ratio", type=float, default=0.03)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor, as a share of each group's lr")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    ap.add_argument("--seed", type=int, default=0)
+    # distributed, precision
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2: shard each block, then the root (else DDP)")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
+    # checkpoints, logs
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
+    ap.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest N checkpoints")
+    ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="dtype of the saved HF weights (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--log-every", type=int, default=1)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---------------------------------------------------------------- init
+    d = Dist()
+    seed_all(args.seed)
+    cuda = d.device.type == "cuda"
+    compute = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+               "bfloat16": torch.bfloat16}[args.dtype]
+    save_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+                  "bfloat16": torch.bfloat16}[args.save_dtype]
+    pack = args.pack == "on" or (args.pack == "auto" and cuda)
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---------------------------------------------------------------- data
+    processor = Processor.from_pretrained(args.model)
+    try:
+        rows = load_rows(args.data, args.ratios, args.seed)
+    except (FormatError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    dataset = SFTDataset(rows, processor, args.image_root, args.max_len, args.overlong, args.template, args.strict)
+    if args.check_data:
+        return check_data(dataset, args)
+    lengths = cached_lengths(rows, processor, args, d)
+    micro, world, accum = args.batch_size, d.world, args.grad_accum
+    global_size = micro * world * accum
+    per_epoch = len(rows) // global_size
+    if per_epoch == 0:
+        raise SystemExit(f"error: {len(rows)} rows make no global batch of {global_size}")
+    total = args.max_steps or max(1, int(args.epochs * per_epoch))
+    print0(f"{len(rows)} rows | global batch {global_size} = {micro} per micro-batch x {world} processes x {accum} "
+           f"accumulation | {per_epoch} steps per epoch | {total} steps | {'packed' if pack else 'padded'} batches")
+    print0("config: " + json.dumps(vars(args)))
+
+    # ---------------------------------------------------------------- model
+    start, state = 0, None
+    source = args.model
+    if args.resume and checkpoints(args.out):
+        source = checkpoints(args.out)[-1]
+        state = load_trainer_state(os.path.join(source, "trainer_state.pt"))
+        start = state["step"]
+        print0(f"resuming from {source} at step {start}")
+    model = load_model(source, d, state)
+    if args.freeze_vision:
+        model.vision_tower.requires_grad_(False)
+    if args.freeze_projector:
+        model.multi_modal_projector.requires_grad_(False)
+        model.image_newline.requires_grad_(False)
+    model.freeze_unused()
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    wrapped = wrap(model, args, d, compute)
+    groups = param_groups(model, args)            # after wrapping: FSDP2 replaces the parameters with shards
+
+    # ---------------------------------------------------------------- optimizer
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                                  fused=cuda or None)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=StateDictOptions(
+            full_state_dict=d.distributed))
+        set_rng_state(state["rng"])
+        for g in optimizer.param_groups:
+            g["base_lr"] = next(x for x in groups if x["name"] == g["name"])["lr"]
+
+    # ---------------------------------------------------------------- data order for this rank
+    schedule = []
+    for step in range(start, total):
+        batch = global_batches(lengths, global_size, args.seed, step // per_epoch, not args.no_group_by_length)[
+            step % per_epoch] if per_epoch else []
+        schedule += micro_batches(batch, micro, world, d.rank, accum)
+    pad_id = 0 if processor.image_token_id != 0 else 1
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=schedule, num_workers=args.workers,
+                                         collate_fn=partial(collate, pack=pack, pad_id=pad_id),
+                                         persistent_workers=args.workers > 0)
+    batches = iter(loader)
+
+    # ---------------------------------------------------------------- loop
+    metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
+    skipped, warned, tokens_total, timer, t0 = {}, set(), 0, Timer(), time.time()
+    flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    peak = peak_flops(d.device)
+    bar = tqdm(total=total, initial=start, desc="sft", unit="step", disable=not d.main, dynamic_ncols=True)
+    wrapped.train()
+    loss = float("nan")
+    for step in range(start, total):
+        micro_list = [next(batches) for _ in range(accum)]
+        supervised = d.all_sum(sum(m.get("supervised", 0) for m in micro_list)).item()
+        nll = 0.0
+        for k, mb in enumerate(micro_list):
+            for reason, where in mb["skipped"]:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                if reason not in warned and d.main:
+                    warned.add(reason)
+                    print(f"warning: skipping {where}: {reason} (further ones counted)", file=sys.stderr)
+            skipped["truncated (kept)"] = skipped.get("truncated (kept)", 0) + mb["truncated"]
+            sync = k == accum - 1
+            with grad_sync(wrapped, args, d, sync), autocast(d, compute):
+                lp = forward(wrapped, mb, d)
+                # normalised by the supervised tokens of the whole global batch; x world undoes the gradient averaging
+                (-lp.sum() / max(supervised, 1.0) * world).backward()
+            nll += -float(lp.detach().sum())
+            tokens_total += mb.get("tokens", 0)
+        gnorm = clip(model, args.clip)
+        set_lr(optimizer, lr_factor(step, total, args.warmup_ratio, args.min_lr_ratio))
+        if supervised > 0:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = d.all_sum(nll).item() / max(supervised, 1.0)
+        dt = timer.lap()
+        tok = d.all_sum(sum(m.get("tokens", 0) for m in micro_list)).item()
+        bar.update(1)
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
+            row = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "gnorm": gnorm,
+                   "tok_s": tok / dt, "supervised_tokens": supervised, "time": time.time() - t0}
+            mem = ""
+            if cuda:
+                row["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                mem = f" | mem {row['mem_gib']:.1f}GiB"
+                if peak:
+                    row["mfu"] = flops_per_token * tok / dt / (peak * world)
+                    mem += f" | mfu {100 * row['mfu']:.1f}%"
+            metrics.log(row)
+            bar.write(f"step {step + 1}/{total} | loss {loss:.4f} | lr {row['lr']:.1e} | gnorm {gnorm:.2f} | "
+                      f"tok/s {tok / dt:,.0f}{mem}") if d.main else None
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            save(args, d, model, wrapped, optimizer, processor, step + 1, save_dtype)
+    bar.close()
+
+    # ---------------------------------------------------------------- save, summary
+    final = save(args, d, model, wrapped, optimizer, processor, total, save_dtype) if start < total else \
+        checkpoints(args.out)[-1]
+    metrics.close()
+    if d.main:
+        link = os.path.join(args.out, "final")
+        if os.path.islink(link) or os.path.exists(link):
+            os.remove(link)
+        os.symlink(os.path.basename(final), link)
+        png = metrics.plot(os.path.join(args.out, "loss.png"), title="SFT loss")
+        elapsed = time.time() - t0
+        print(f"done: {total - start} steps in {elapsed:.0f}s, final loss {loss:.4f}, {tokens_total:,} tokens on "
+              f"rank 0; model {link}{'; ' + png if png else ''}")
+        if any(skipped.values()):
+            print("samples not trained on (or cut): " + ", ".join(f"{k}: {v}" for k, v in skipped.items() if v))
+    d.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def load_model(path, d, state):
+    """fp32 master weights on this rank's device; from a checkpoint, its exact fp32 weights when it has them."""
+    model = LlavaNext.from_pretrained(path, dtype=torch.float32, device=d.device)
+    master = os.path.join(path, "master_weights.safetensors")
+    if state is not None and os.path.exists(master):
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(master, device=str(d.device)), strict=True)
+    return model
+
+
+def param_groups(model, args):
+    """Per-module learning rates (paper: LLM 5e-6, vision tower 5e-7, projector as the LLM)."""
+    vision_lr = args.vision_lr if args.vision_lr is not None else args.lr / 10
+    projector_lr = args.projector_lr if args.projector_lr is not None else args.lr
+    groups = {"llm": [], "vision": [], "projector": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "vision" if name.startswith("vision_tower.") else \
+            "projector" if name.startswith(("multi_modal_projector.", "image_newline")) else "llm"
+        groups[key].append(p)
+    lrs = {"llm": args.lr, "vision": vision_lr, "projector": projector_lr}
+    return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
+
+
+def wrap(model, args, d, compute):
+    """DDP, or FSDP2 (each decoder and CLIP block, then the root; bf16 params, fp32 gradient reduction)."""
+    if not d.distributed:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute if compute != torch.float32 else None,
+                                  reduce_dtype=torch.float32)
+        for block in list(model.vision_tower.encoder.layers) + list(model.language_model.layers):
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def grad_sync(wrapped, args, d, sync):
+    """Skip the gradient all-reduce on all but the last micro-batch (it must cover the forward too)."""
+    if not d.distributed:
+        return nullcontext()
+    if args.fsdp:
+        wrapped.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else wrapped.no_sync()
+
+
+def autocast(d, compute):
+    if compute == torch.float32:
+        return nullcontext()
+    return torch.autocast(d.device.type, dtype=compute)
+
+
+def forward(wrapped, mb, d):
+    """Per-token log-probs of one micro-batch through the wrapped model's own forward (DDP's rule)."""
+    if mb["n"] == 0:         # every sample of this micro-batch was skipped: still take part in the collectives
+        ids = torch.zeros(1, 1, dtype=torch.long, device=d.device)
+        return wrapped(ids, targets=torch.full_like(ids, -100), keep_vision_in_graph=True)
+    to = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+    return wrapped(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
+                   cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
+                   keep_vision_in_graph=True)
+
+
+def clip(model, max_norm):
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def save(args, d, model, wrapped, optimizer, processor, step, save_dtype):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+        get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(wrapped, options=opts)
+    optim = get_optimizer_state_dict(wrapped, optimizer, options=opts)
+
+    def write(tmp):
+        if not d.main:
+            return
+        model.save_pretrained(tmp, dtype=save_dtype, state_dict=full)
+        processor.save_pretrained(tmp)
+        if save_dtype != torch.float32:          # exact resume needs the fp32 master weights too
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, "master_weights.safetensors"))
+        torch.save({"step": step, "optimizer": optim, "rng": rng_state(), "world": d.world},
+                   os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "world": d.world, "args": vars(args)}, f, indent=1)
+
+    path = write_checkpoint(args.out, step, write, d, args.keep_checkpoints)
+    print0(f"saved {path}")
+    return path
+
+
+def cached_lengths(rows, processor, args, d):
+    """Length estimates for grouping, computed once by rank 0 and cached beside the checkpoints."""
+    path = os.path.join(args.out, "lengths.json")
+    key = [[os.path.abspath(f), os.path.getmtime(f)] for f in args.data] + [args.ratios, args.seed, len(rows)]
+    if d.main:
+        cached = json.load(open(path)) if os.path.exists(path) else {}
+        if cached.get("key") != key:
+            lengths = [estimate_length(r, processor, args.image_root) for r, _ in tqdm(
+                rows, desc="lengths", disable=len(rows) < 5000)]
+            with open(path + ".tmp", "w") as f:
+                json.dump({"key": key, "lengths": lengths}, f)
+            os.replace(path + ".tmp", path)
+    d.barrier()
+    return json.load(open(path))["lengths"]
+
+
+def check_data(dataset, args):
+    """Load every row and image as training would; print counts, reasons and a length histogram."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers,
+                                         collate_fn=lambda x: x)
+    reasons, lengths, supervised, truncated = {}, [], 0, 0
+    first = {}
+    for item in tqdm(loader, total=len(dataset), desc="check-data", unit="row"):
+        if isinstance(item, Skip):
+            reasons[item.reason] = reasons.get(item.reason, 0) + 1
+            first.setdefault(item.reason, item.where)
+            continue
+        lengths.append(len(item["input_ids"]))
+        supervised += int((item["targets"] != -100).sum())
+        truncated += bool(item["truncated"])
+    n = len(dataset)
+    print(f"{n} rows: {len(lengths)} usable, {n - len(lengths)} skipped, {truncated} truncated to --max-len "
+          f"{args.max_len}; {sum(lengths):,} tokens, {supervised:,} supervised")
+    for r, c in sorted(reasons.items(), key=lambda x: -x[1]):
+        print(f"  skipped {c:6d}: {r} (first: {first[r]})")
+    if lengths:
+        print(f"lengths: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+        print(histogram(lengths))
+    return 0 if not reasons else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
