@@ -200,3 +200,28 @@ def generate_text(model, processor, conversations, images=None, template="llava"
         stop = next((i for i, t in enumerate(row) if t in eos), len(row))   # the stop token and the padding go
         texts.append(processor.decode(row[:stop]))
     return texts
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prompt, responses, pixel_values=None, image_sizes=None, batch_size=16):
+    """Summed log p(response | prompt) for each response (lists of token ids), prompt (list of ids) shared; the
+    prompt's images are encoded once. The implicit DPO reward and reranking are built on it."""
+    feats = model.encode_images(pixel_values, image_sizes) if pixel_values is not None else None
+    device = model.output_weight.device
+    out = []
+    for b in range(0, len(responses), batch_size):
+        chunk = responses[b:b + batch_size]
+        seqs = [prompt + list(r) for r in chunk]
+        T = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        targets = torch.full_like(ids, -100)
+        for i, (s, r) in enumerate(zip(seqs, chunk)):
+            ids[i, :len(s)] = torch.tensor(s, device=device)
+            mask[i, :len(s)] = 1
+            if r:                                      # position t predicts token t + 1: the response's tokens
+                targets[i, len(prompt) - 1:len(s) - 1] = torch.tensor(list(r), device=device)
+        lp = model(ids, attention_mask=mask, targets=targets,
+                   image_features=feats * len(seqs) if feats is not None else None)
+        out.append(lp.sum(-1))
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,281 @@
+"""Stage 4 (paper §6): evaluate a model in direct and CoT modes with each benchmark's own metric.
+
+    python evaluate.py --model runs/sft/final --data runs/syn/test.jsonl runs/syn/test_holdout.jsonl \\
+        --image-root runs/syn --mode both --out runs/eval/sft
+    # real benchmarks: convert the released files first (python -m data.convert ...), one --image-root per run
+    python evaluate.py --model llava-reasoner-dpo --data chartqa_test_human.jsonl --image-root ChartQA/test \\
+        --mode both --out eval/chartqa --batch-size 32
+    # re-extract and re-score saved predictions (after a fix to an extractor), no generation
+    python evaluate.py --out eval/chartqa --rescore
+    # DPO as a verifier (paper §5.5): N CoT samples per question, picked by beta * log(pi_dpo / pi_sft)
+    python evaluate.py --model runs/dpo/final --data ... --image-root ... --out eval/rerank --mode cot \\
+        --rerank 16 --reward-model runs/dpo/final --reference runs/sft/final
+
+Prompts: the question (+ lettered options), then the mode suffix our SFT rows use (data/prompts.py). CoT answers
+are read after the last "### Answer:" (a missing marker is a format failure, counted; a fallback is still
+scored). Out: OUT/predictions.jsonl (one row per record and mode: prompt, raw output, extracted answer, score) and
+OUT/results.{md,json} (dataset x mode, and the plain average over datasets, as the paper's "Avg"). A rerun skips the
+(record, mode) pairs already in the predictions file.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter, defaultdict
+
+import torch
+from tqdm import tqdm
+
+from data.answers import NUMERIC_FAMILIES, extract, score
+from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
+from data.prompts import FAMILIES, family, model_prompt
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="Hugging Face LLaVA-NeXT directory to evaluate")
+    ap.add_argument("--data", nargs="+", help="QA record JSONL file(s)")
+    ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
+    ap.add_argument("--mode", choices=["direct", "cot", "both"], default="both")
+    ap.add_argument("--out", required=True, help="output directory: predictions.jsonl, results.md, results.json")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="CoT answers")
+    ap.add_argument("--max-new-tokens-direct", type=int, default=32)
+    ap.add_argument("--template", choices=["llava", "hf"], default="llava")
+    ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument("--rescore", action="store_true", help="re-extract and re-score OUT/predictions.jsonl only")
+    # DPO as a verifier
+    ap.add_argument("--rerank", type=int, default=0, help="sample N CoT answers per question and pick one")
+    ap.add_argument("--reward-model", default=None, help="the DPO model (pi_dpo in the implicit reward)")
+    ap.add_argument("--reference", default=None, help="the reference model (pi_sft)")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --rerank")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ grading
+
+def grade(rec, text, mode):
+    """(extracted answer, score, format_ok) of one output. Direct outputs are the answer itself."""
+    numeric = family(rec["dataset"]) in NUMERIC_FAMILIES
+    if mode == "direct" and "###" not in text:
+        ans, ok = extract("### Answer: " + text.strip().split("\n")[0], rec.get("choices"), numeric)
+    else:
+        ans, ok = extract(text, rec.get("choices"), numeric)
+    return ans, score(rec["dataset"], ans, rec["answers"], rec.get("choices"), rec.get("meta")), ok
+
+
+def table(rows, out):
+    """results.md / results.json: mean score x 100 per dataset and mode, counts, and the average over datasets."""
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(r["dataset"], r["mode"])].append(r)
+    datasets = sorted({d for d, _ in cells})
+    modes = [m for m in ("direct", "cot", "cot majority", "cot best-of-n", "cot weighted") if any(
+        k[1] == m for k in cells)]
+    results = {}
+    for (d, m), rs in cells.items():
+        results.setdefault(d, {})[m] = {
+            "score": 100 * sum(r["score"] for r in rs) / len(rs), "n": len(rs),
+            "format_failures": sum(1 for r in rs if not r.get("format_ok", True) and not r.get("error")),
+            "failed": sum(1 for r in rs if r.get("error"))}
+    avg = {m: sum(results[d][m]["score"] for d in datasets if m in results[d]) / max(1, sum(
+        1 for d in datasets if m in results[d])) for m in modes}
+    lines = ["| dataset | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for d in datasets:
+        cells_md = []
+        for m in modes:
+            c = results[d].get(m)
+            if c is None:
+                cells_md.append("-")
+                continue
+            note = [f"n={c['n']}"] + ([f"{c['format_failures']} no marker"] if c["format_failures"] else []) + \
+                ([f"{c['failed']} failed"] if c["failed"] else [])
+            cells_md.append(f"{c['score']:.1f} ({', '.join(note)})")
+        lines.append(f"| {d} | " + " | ".join(cells_md) + " |")
+    lines.append("| **Avg** | " + " | ".join(f"**{avg[m]:.1f}**" for m in modes) + " |")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"results": results, "average": avg}, f, indent=1)
+    return md
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+def load(path, dtype, device):
+    from model import LlavaNext, Processor
+    return LlavaNext.from_pretrained(path, dtype=dtype, device=device).eval(), Processor.from_pretrained(path)
+
+
+def prepare(rec, mode, proc, args):
+    """(prompt ids, pixel_values, image_sizes, prompt text) of one record, or an error string."""
+    images = []
+    if rec.get("image"):
+        try:
+            images = [proc.load_image(os.path.join(args.image_root, rec["image"]))]
+        except (OSError, ValueError) as e:
+            return str(e)
+    pv, sizes = proc.preprocess_images(images)
+    text = model_prompt(rec, mode)
+    ids, _ = proc.tokenize([{"from": "human", "value": text}], sizes, template=args.template,
+                           add_generation_prompt=True)
+    return ids, pv if images else None, sizes if images else None, text
+
+
+def run_generation(model, proc, todo, mode, args, writer):
+    """Batched greedy answers (left-padded prompts, positions from the mask: batch size does not change them)."""
+    from model.generation import left_pad
+    device = model.output_weight.device
+    max_new = args.max_new_tokens if mode == "cot" else args.max_new_tokens_direct
+    eos = set(model.eos_token_ids)
+    bar = tqdm(total=len(todo), desc=f"eval {mode}", unit="q", dynamic_ncols=True)
+    prepared = [(rec, prepare(rec, mode, proc, args)) for rec in todo]
+    # similar lengths together: less padding
+    prepared.sort(key=lambda x: len(x[1][0]) if not isinstance(x[1], str) else 0)
+    for b in range(0, len(prepared), args.batch_size):
+        chunk = prepared[b:b + args.batch_size]
+        ok = [(r, p) for r, p in chunk if not isinstance(p, str)]
+        for rec, err in ((r, p) for r, p in chunk if isinstance(p, str)):
+            writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "error": err, "score": 0.0,
+                          "format_ok": False, "gold": rec["answers"]})
+        if ok:
+            ids, mask = left_pad([p[0] for _, p in ok], pad_id=0)
+            with_img = [p for _, p in ok if p[1] is not None]
+            pv = torch.cat([_pad_crops(p[1], max(q[1].shape[1] for q in with_img)) for p in with_img]).to(
+                device) if with_img else None
+            sizes = torch.cat([p[2] for p in with_img]) if with_img else None
+            out = model.generate(ids.to(device), pv, sizes, mask.to(device), max_new_tokens=max_new)
+            for (rec, p), row in zip(ok, out.tolist()):
+                stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+                text = proc.decode(row[:stop])
+                ans, s, fmt_ok = grade(rec, text, mode)
+                writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "prompt": p[3],
+                              "output": text, "answer": ans, "score": s, "format_ok": fmt_ok, "gold": rec["answers"]})
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _pad_crops(pv, P):
+    """(1, p, 3, S, S) -> (1, P, 3, S, S): images of a batch share one crop dimension."""
+    if pv.shape[1] == P:
+        return pv
+    return torch.cat([pv, pv.new_zeros(pv.shape[0], P - pv.shape[1], *pv.shape[2:])], 1)
+
+
+def run_rerank(model, proc, todo, args, writer, dtype, device):
+    """N sampled CoT answers per question; picks by majority vote, by the best implicit reward
+    beta * (log pi_dpo - log pi_ref), and by reward-weighted voting (weights softmax(reward))."""
+    from model.generation import sequence_logprobs
+    if not (args.reward_model and args.reference):
+        raise SystemExit("error: --rerank needs --reward-model and --reference")
+    reward_model = model if os.path.abspath(args.reward_model) == os.path.abspath(args.model) else \
+        load(args.reward_model, dtype, device)[0]
+    reference = load(args.reference, dtype, device)[0]
+    eos = set(model.eos_token_ids)
+    for rec in tqdm(todo, desc=f"rerank x{args.rerank}", unit="q", dynamic_ncols=True):
+        p = prepare(rec, "cot", proc, args)
+        if isinstance(p, str):
+            for m in ("cot majority", "cot best-of-n", "cot weighted"):
+                writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "error": p, "score": 0.0,
+                              "gold": rec["answers"]})
+            continue
+        ids, pv, sizes, _ = p
+        pv = pv.to(device) if pv is not None else None
+        out = model.generate(torch.tensor([ids], device=device), pv, sizes, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, n=args.rerank, seed=args.seed)
+        responses = []
+        for row in out.tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+            responses.append(row[:stop + 1] if stop < len(row) else row)
+        r_pol = sequence_logprobs(reward_model, ids, responses, pv, sizes)
+        r_ref = sequence_logprobs(reference, ids, responses, pv, sizes)
+        rewards = (args.beta * (r_pol - r_ref)).float().tolist()
+        texts = [proc.decode([t for t in r if t not in eos]) for r in responses]
+        graded = [grade(rec, t, "cot") for t in texts]
+        answers = [g[0] for g in graded]
+        votes = Counter(answers)
+        majority = max(votes, key=lambda a: (votes[a], -answers.index(a)))
+        best = max(range(len(rewards)), key=lambda i: rewards[i])
+        top = max(rewards)
+        weight = defaultdict(float)
+        for a, r in zip(answers, rewards):
+            weight[a] += math.exp(r - top)
+        weighted = max(weight, key=weight.get)
+        for m, ans in (("cot majority", majority), ("cot best-of-n", answers[best]), ("cot weighted", weighted)):
+            writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "answer": ans, "gold": rec["answers"],
+                          "score": score(rec["dataset"], ans, rec["answers"], rec.get("choices"), rec.get("meta")),
+                          "format_ok": True, "samples": texts if m == "cot best-of-n" else None,
+                          "rewards": rewards if m == "cot best-of-n" else None})
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    pred_path = os.path.join(args.out, "predictions.jsonl")
+
+    if args.rescore:                                   # no model, no generation: extraction and metrics again
+        if not os.path.exists(pred_path):
+            raise SystemExit(f"error: {pred_path} not found: nothing to rescore")
+        records = {r["id"]: r for r in load_qa(args.data)} if args.data else {}
+        rows = []
+        for _, row in read_jsonl(pred_path):
+            if "output" in row:
+                rec = records.get(row["id"]) or {"dataset": row["dataset"], "answers": row["gold"],
+                                                 "choices": row.get("choices"), "meta": row.get("meta")}
+                row["answer"], row["score"], row["format_ok"] = grade(rec, row["output"], row["mode"])
+            rows.append(row)
+        with open(pred_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(pred_path + ".tmp", pred_path)
+        print(table(rows, args.out))
+        return 0
+
+    if not (args.model and args.data):
+        raise SystemExit("error: --model and --data are needed (or --rescore)")
+    try:
+        records = []
+        for path in args.data:
+            recs = load_qa(path)
+            records += recs[:args.limit] if args.limit else recs
+    except (FormatError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    unknown = sorted({r["dataset"] for r in records} - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"error: unknown dataset(s) {unknown}; known: {sorted(FAMILIES)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    model, proc = load(args.model, dtype, device)
+
+    repair_tail(pred_path)                             # a run killed mid-write: drop its half line
+    done = {(str(r["id"]), r["mode"]) for _, r in read_jsonl(pred_path)} if os.path.exists(pred_path) else set()
+    writer = Appender(pred_path)
+    modes = ["direct", "cot"] if args.mode == "both" else [args.mode]
+    if args.rerank:
+        todo = [r for r in records if (r["id"], "cot best-of-n") not in done]
+        print(f"{len(records)} records, {len(records) - len(todo)} already reranked")
+        run_rerank(model, proc, todo, args, writer, dtype, device)
+    else:
+        for mode in modes:
+            todo = [r for r in records if (r["id"], mode) not in done]
+            print(f"{mode}: {len(records)} records, {len(records) - len(todo)} already done")
+            run_generation(model, proc, todo, mode, args, writer)
+    writer.close()
+    wanted = {(r["id"], m) for r in records for m in (
+        ["cot majority", "cot best-of-n", "cot weighted"] if args.rerank else modes)}
+    rows = [r for _, r in read_jsonl(pred_path) if (str(r["id"]), r["mode"]) in wanted]
+    md = table(rows, args.out)
+    print(md + f"wrote {pred_path}, {os.path.join(args.out, 'results.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""evaluate.py end to end on a tiny model, batching, resume, rescore, rerank; the benchmark converters."""
+
+import json
+import os
+
+import pytest
+
+import evaluate
+from conftest import build_tiny_model_dir
+from data import convert
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_eval")))
+
+
+def preds(out):
+    return [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+
+
+def run(tiny, out, *extra, data=None):
+    model, root, _ = tiny
+    argv = ["--model", model, "--data", *(data or [os.path.join(root, "test.jsonl")]), "--image-root", root,
+            "--out", str(out), "--max-new-tokens", "24", "--max-new-tokens-direct", "6", *extra]
+    return evaluate.main(argv)
+
+
+def test_batched_answers_equal_batch_size_one(tiny, tmp_path):
+    run(tiny, tmp_path / "b1", "--mode", "cot", "--batch-size", "1", "--limit", "12")
+    run(tiny, tmp_path / "b8", "--mode", "cot", "--batch-size", "8", "--limit", "12")
+    one = {p["id"]: p["output"] for p in preds(tmp_path / "b1")}
+    eight = {p["id"]: p["output"] for p in preds(tmp_path / "b8")}
+    assert one == eight and len(one) == 12
+
+
+def test_both_modes_table_and_resume(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "e"
+    assert run(tiny, out, "--mode", "both", "--batch-size", "4") == 0
+    rows = preds(out)
+    n = sum(1 for _ in open(os.path.join(tiny[1], "test.jsonl")))
+    assert len(rows) == 2 * n and {r["mode"] for r in rows} == {"direct", "cot"}
+    assert all({"prompt", "output", "answer", "score", "format_ok"} <= set(r) for r in rows)
+    assert rows[0]["prompt"].startswith("<image>\n")
+    md = open(out / "results.md").read()
+    assert "| synthetic |" in md and "**Avg**" in md and "| dataset | direct | cot |" in md
+    res = json.load(open(out / "results.json"))
+    assert res["results"]["synthetic"]["cot"]["n"] == n
+    # a rerun generates nothing
+    from model import LlavaNext
+    monkeypatch.setattr(LlavaNext, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("generated")))
+    assert run(tiny, out, "--mode", "both") == 0
+    assert len(preds(out)) == 2 * n
+    assert "already done" in capsys.readouterr().out
+
+
+def test_missing_image_fails_that_record_only(tiny, tmp_path):
+    model, root, _ = tiny
+    recs = [json.loads(line) for line in open(os.path.join(root, "test.jsonl"))][:4]
+    recs[1]["image"] = "images/missing.png"
+    path = tmp_path / "recs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert run(tiny, tmp_path / "e", "--mode", "direct", data=[str(path)]) == 0
+    rows = {r["id"]: r for r in preds(tmp_path / "e")}
+    assert "image not found" in rows[recs[1]["id"]]["error"] and len(rows) == 4
+    assert json.load(open(tmp_path / "e/results.json"))["results"]["synthetic"]["direct"]["failed"] == 1
+
+
+def test_unknown_dataset_is_an_error_listing_the_known(tiny, tmp_path):
+    path = tmp_path / "recs.jsonl"
+    path.write_text(json.dumps({"id": "1", "image": None, "question": "q", "answers": ["a"], "choices": None,
+                                "dataset": "vqav2"}) + "\n")
+    with pytest.raises(SystemExit, match=r"'dataset' is 'vqav2', not one of .*'chartqa'"):
+        run(tiny, tmp_path / "e", data=[str(path)])
+
+
+def test_rescore_recomputes_without_generating(tiny, tmp_path):
+    out = tmp_path / "e"
+    run(tiny, out, "--mode", "cot", "--limit", "3")
+    rows = preds(out)
+    rows[0]["output"] = "made up\n\n### Answer: " + rows[0]["gold"][0]
+    rows[1]["output"] = "no marker here"
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert evaluate.main(["--out", str(out), "--rescore"]) == 0
+    after = preds(out)
+    assert after[0]["score"] == 1.0 and after[0]["format_ok"] and not after[1]["format_ok"]
+
+
+def test_rerank_with_an_implicit_reward(tiny, tmp_path):
+    model, root, _ = tiny
+    out = tmp_path / "r"
+    assert run(tiny, out, "--mode", "cot", "--limit", "3", "--rerank", "3", "--reward-model", model,
+               "--reference", model) == 0
+    rows = preds(out)
+    assert {r["mode"] for r in rows} == {"cot majority", "cot best-of-n", "cot weighted"} and len(rows) == 9
+    best = [r for r in rows if r["mode"] == "cot best-of-n"][0]
+    assert len(best["samples"]) == 3 and best["rewards"] == [0.0, 0.0, 0.0]      # same model: reward 0
+
+
+# ------------------------------------------------------------------------------------------------ converters
+
+SAMPLES = {
+    "chartqa": ("test_human.json", [{"imgname": "10095.png", "query": "What is the peak value?", "label": "56.2"}]),
+    "aokvqa": ("aokvqa_v1p0_val.json", [{"split": "val", "image_id": 461751, "question_id": "22jbM6gDxdaMaunuzgrsBB",
+                                         "question": "What is in the motorcyclist's mouth?",
+                                         "choices": ["toothpick", "food", "popsicle stick", "cigarette"],
+                                         "correct_choice_idx": 3, "direct_answers": ["cigarette"] * 10,
+                                         "difficult_direct_answer": False, "rationales": ["He is smoking."]}]),
+    "docvqa": ("val_v1.0.json", {"dataset_name": "docvqa", "dataset_split": "val", "data": [
+        {"questionId": 337, "question": "what is the date mentioned in this letter?",
+         "image": "documents/xnbl0037_1.png", "docId": 279, "answers": ["1/8/93"], "data_split": "val"}]}),
+    "infovqa": ("infographicsVQA_val_v1.0_withQT.json", {"data": [
+        {"questionId": 98313, "question": "Which social platform has heavy female audience?",
+         "image_local_name": "37313.jpeg", "answers": ["pinterest"], "answer_type": ["single span"]}]}),
+    "textvqa": ("TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
+        {"question_id": 34602, "question": "what is the brand of this camera?", "image_id": "003a8ae2ef43b901",
+         "answers": ["nous les gosses", "dakota", "clos culombu"] + ["dakota digital"] * 7}]}),
+    "sqa": ("problems.json", {"5": {"question": "Which of these states is farthest north?", "choices":
+                                    ["West Virginia", "Louisiana", "Arizona", "Oklahoma"], "answer": 0,
+                                    "hint": "", "image": "image.png", "split": "test"},
+                              "6": {"question": "No image here", "choices": ["a", "b"], "answer": 1, "hint": "h",
+                                    "image": None, "split": "test"}}),
+    "mathvista": ("testmini.json", {"1": {"question": "When a spring does work on an object, we cannot find...",
+                                          "image": "images/1.jpg", "choices": None, "unit": None, "precision": 1.0,
+                                          "answer": "1.2", "question_type": "free_form", "answer_type": "float"},
+                                    "2": {"question": "what is the total volume?", "image": "images/2.jpg",
+                                          "choices": ["1000", "1500", "2000"], "answer": "1500",
+                                          "question_type": "multi_choice", "answer_type": "text"}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_converters_on_hand_written_samples(name, tmp_path):
+    fname, content = SAMPLES[name]
+    path = tmp_path / fname
+    path.write_text(json.dumps(content))
+    recs = list(convert.CONVERTERS[name](str(path)))
+    from data.formats import validate_qa
+    for r in recs:
+        validate_qa(dict(r), name)
+    want = {
+        "chartqa": dict(image="png/10095.png", answers=["56.2"], dataset="chartqa"),
+        "aokvqa": dict(image="val2017/000000461751.jpg", answers=["D"], dataset="aokvqa"),
+        "docvqa": dict(image="documents/xnbl0037_1.png", answers=["1/8/93"], dataset="docvqa"),
+        "infovqa": dict(image="infographicsvqa_images/37313.jpeg", answers=["pinterest"], dataset="infovqa"),
+        "textvqa": dict(image="train_images/003a8ae2ef43b901.jpg", dataset="textvqa"),
+        "sqa": dict(image="test/5/image.png", answers=["A"], dataset="sqa"),
+        "mathvista": dict(image="images/1.jpg", answers=["1.2"], dataset="mathvista"),
+    }[name]
+    assert {k: recs[0][k] for k in want} == want
+    if name == "textvqa":
+        assert len(recs[0]["answers"]) == 10
+    if name == "sqa":
+        assert len(recs) == 1                          # the image subset only
+    if name == "mathvista":
+        assert recs[0]["meta"]["precision"] == 1 and recs[1]["answers"] == ["B"] and recs[1]["choices"]
+
+
+def test_ai2d_converter(tmp_path):
+    q = tmp_path / "questions"
+    q.mkdir()
+    (q / "4.png.json").write_text(json.dumps({"imageName": "4.png", "questions": {
+        "Which stage is shown at D?": {"abcLabel": True, "answerTexts": ["egg", "larva", "pupa", "adult"],
+                                       "correctAnswer": 2, "questionId": "4.png-0"}}}))
+    (q / "5.png.json").write_text(json.dumps({"imageName": "5.png", "questions": {}}))
+    ids = tmp_path / "test_ids.csv"
+    ids.write_text("4\n")
+    recs = list(convert.ai2d(str(q), ids=str(ids)))
+    assert recs == [{"id": "ai2d-4.png-0", "image": "images/4.png", "question": "Which stage is shown at D?",
+                     "choices": ["egg", "larva", "pupa", "adult"], "answers": ["C"], "dataset": "ai2d"}]
