@@ -8,6 +8,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,12 @@ class Dist:
         t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
         if self.distributed:
             dist.all_reduce(t)
+        return t
+
+    def all_max(self, x):
+        t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
     def barrier(self):
@@ -129,6 +136,87 @@ def set_rng_state(state):
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def load_model(path, d, state):
+    """fp32 master weights on this rank's device; from a checkpoint, its exact fp32 weights when it has them."""
+    from model import LlavaNext
+    model = LlavaNext.from_pretrained(path, dtype=torch.float32, device=d.device)
+    master = os.path.join(path, "master_weights.safetensors")
+    if state is not None and os.path.exists(master):
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(master, device=str(d.device)), strict=True)
+    return model
+
+
+def wrap(model, args, d, compute, frozen=False):
+    """DDP, or FSDP2 (each decoder and CLIP block, then the root; bf16 params, fp32 gradient reduction). A frozen
+    model (the DPO reference) is never DDP-wrapped, and under FSDP2 is sharded like the policy."""
+    if not d.distributed or (frozen and not args.fsdp):
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute if compute != torch.float32 else None,
+                                  reduce_dtype=torch.float32)
+        for block in list(model.vision_tower.encoder.layers) + list(model.language_model.layers):
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def grad_sync(wrapped, args, d, sync):
+    """Skip the gradient all-reduce on all but the last micro-batch (it must cover the forward too)."""
+    if not d.distributed:
+        return nullcontext()
+    if args.fsdp:
+        wrapped.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else wrapped.no_sync()
+
+
+def autocast(d, compute):
+    if compute == torch.float32:
+        return nullcontext()
+    return torch.autocast(d.device.type, dtype=compute)
+
+
+def clip(model, max_norm):
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def save(args, d, model, wrapped, optimizer, processor, step, save_dtype):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+        get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(wrapped, options=opts)
+    optim = get_optimizer_state_dict(wrapped, optimizer, options=opts)
+
+    def write(tmp):
+        if not d.main:
+            return
+        model.save_pretrained(tmp, dtype=save_dtype, state_dict=full)
+        processor.save_pretrained(tmp)
+        if save_dtype != torch.float32:          # exact resume needs the fp32 master weights too
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, "master_weights.safetensors"))
+        torch.save({"step": step, "optimizer": optim, "rng": rng_state(), "world": d.world},
+                   os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "world": d.world, "args": vars(args)}, f, indent=1)
+
+    path = write_checkpoint(args.out, step, write, d, args.keep_checkpoints)
+    print0(f"saved {path}")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ logging

@@ -22,14 +22,13 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 
 import torch
 from tqdm import tqdm
 
-from common import (Dist, Metrics, Timer, checkpoints, load_trainer_state, lr_factor, peak_flops, print0, rng_state,
-                    seed_all, set_lr, set_rng_state, write_checkpoint)
+from common import (Dist, Metrics, Timer, autocast, checkpoints, clip, grad_sync, load_model, load_trainer_state,
+                    lr_factor, peak_flops, print0, save, seed_all, set_lr, set_rng_state, wrap)
 from data.collate import (SFTDataset, Skip, collate, estimate_length, global_batches, histogram, load_rows,
                           micro_batches)
 from data.formats import FormatError
@@ -235,14 +234,15 @@ def main(argv=None):
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def load_model(path, d, state):
-    """fp32 master weights on this rank's device; from a checkpoint, its exact fp32 weights when it has them."""
-    model = LlavaNext.from_pretrained(path, dtype=torch.float32, device=d.device)
-    master = os.path.join(path, "master_weights.safetensors")
-    if state is not None and os.path.exists(master):
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(master, device=str(d.device)), strict=True)
-    return model
+def forward(wrapped, mb, d):
+    """Per-token log-probs of one micro-batch through the wrapped model's own forward (DDP's rule)."""
+    if mb["n"] == 0:         # every sample of this micro-batch was skipped: still take part in the collectives
+        ids = torch.zeros(1, 1, dtype=torch.long, device=d.device)
+        return wrapped(ids, targets=torch.full_like(ids, -100), keep_vision_in_graph=True)
+    to = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+    return wrapped(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
+                   cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
+                   keep_vision_in_graph=True)
 
 
 def param_groups(model, args):
@@ -258,84 +258,6 @@ def param_groups(model, args):
         groups[key].append(p)
     lrs = {"llm": args.lr, "vision": vision_lr, "projector": projector_lr}
     return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
-
-
-def wrap(model, args, d, compute):
-    """DDP, or FSDP2 (each decoder and CLIP block, then the root; bf16 params, fp32 gradient reduction)."""
-    if not d.distributed:
-        return model
-    if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=compute if compute != torch.float32 else None,
-                                  reduce_dtype=torch.float32)
-        for block in list(model.vision_tower.encoder.layers) + list(model.language_model.layers):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
-
-def grad_sync(wrapped, args, d, sync):
-    """Skip the gradient all-reduce on all but the last micro-batch (it must cover the forward too)."""
-    if not d.distributed:
-        return nullcontext()
-    if args.fsdp:
-        wrapped.set_requires_gradient_sync(sync)
-        return nullcontext()
-    return nullcontext() if sync else wrapped.no_sync()
-
-
-def autocast(d, compute):
-    if compute == torch.float32:
-        return nullcontext()
-    return torch.autocast(d.device.type, dtype=compute)
-
-
-def forward(wrapped, mb, d):
-    """Per-token log-probs of one micro-batch through the wrapped model's own forward (DDP's rule)."""
-    if mb["n"] == 0:         # every sample of this micro-batch was skipped: still take part in the collectives
-        ids = torch.zeros(1, 1, dtype=torch.long, device=d.device)
-        return wrapped(ids, targets=torch.full_like(ids, -100), keep_vision_in_graph=True)
-    to = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
-    return wrapped(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
-                   cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
-                   keep_vision_in_graph=True)
-
-
-def clip(model, max_norm):
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-def save(args, d, model, wrapped, optimizer, processor, step, save_dtype):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(wrapped, options=opts)
-    optim = get_optimizer_state_dict(wrapped, optimizer, options=opts)
-
-    def write(tmp):
-        if not d.main:
-            return
-        model.save_pretrained(tmp, dtype=save_dtype, state_dict=full)
-        processor.save_pretrained(tmp)
-        if save_dtype != torch.float32:          # exact resume needs the fp32 master weights too
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, "master_weights.safetensors"))
-        torch.save({"step": step, "optimizer": optim, "rng": rng_state(), "world": d.world},
-                   os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "world": d.world, "args": vars(args)}, f, indent=1)
-
-    path = write_checkpoint(args.out, step, write, d, args.keep_checkpoints)
-    print0(f"saved {path}")
-    return path
 
 
 def cached_lengths(rows, processor, args, d):

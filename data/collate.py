@@ -190,3 +190,78 @@ def histogram(lengths, bins=(256, 512, 1024, 2048, 3072, 4096, 6144, 8192)):
     keys = [b for b in bins if b in counts] + ([f">{bins[-1]}"] if f">{bins[-1]}" in counts else [])
     top = max(counts.values()) if counts else 1
     return "\n".join(f"  <= {k:>6} {'#' * max(1, round(40 * counts[k] / top)):40s} {counts[k]}" for k in keys)
+
+
+# ------------------------------------------------------------------------------------------------ DPO pairs
+
+def truncate_words(text, k):
+    """The first k whitespace-separated words of a response (paper: k = 90); k = 0 keeps it whole."""
+    return " ".join(text.split()[:k]) if k else text
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """DPO pairs (dpo_data format) -> chosen and rejected token rows sharing a prompt and its images. Each response
+    is cut to its first `truncate` words and its final <|eot_id|> dropped, as the paper's trainer does."""
+
+    def __init__(self, pairs, processor, image_root, truncate=90, template="llava", max_len=6144):
+        self.pairs, self.proc, self.root = pairs, processor, image_root
+        self.truncate, self.template, self.max_len = truncate, template, max_len
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def tokenize(self, question, response, image_sizes, n_images):
+        q = question if "<image>" in question or not n_images else "<image>\n" * n_images + question
+        ids, labels = self.proc.tokenize([{"from": "human", "value": q},
+                                          {"from": "gpt", "value": truncate_words(response, self.truncate)}],
+                                         image_sizes, template=self.template)
+        ids, labels = ids[:-1], labels[:-1]               # drop the final <|eot_id|>: truncated answers don't end
+        return torch.tensor(ids), torch.tensor(labels[1:] + [-100])
+
+    def __getitem__(self, i):
+        pair, where = self.pairs[i]
+        try:
+            paths = [os.path.join(self.root, p) for p in row_images(pair)]
+            images = [self.proc.load_image(p) for p in paths]
+            pixel_values, image_sizes = self.proc.preprocess_images(images)
+            cfg = self.proc.config
+            crops = [pixel_values[k, :num_crops(tuple(hw), cfg.image_grid_pinpoints, cfg.vision.image_size)]
+                     for k, hw in enumerate(image_sizes.tolist())]
+            c_ids, c_tgt = self.tokenize(pair["question"], pair["chosen"], image_sizes, len(paths))
+            r_ids, r_tgt = self.tokenize(pair["question"], pair["rejected"], image_sizes, len(paths))
+        except (FormatError, OSError, ValueError) as e:
+            return Skip(str(e), where)
+        if max(len(c_ids), len(r_ids)) > self.max_len:
+            return Skip(f"longer than --max-len {self.max_len}", where)
+        if (c_tgt == -100).all() or (r_tgt == -100).all():
+            return Skip("an empty response", where)
+        return {"id": str(pair["id"]), "chosen": (c_ids, c_tgt), "rejected": (r_ids, r_tgt),
+                "pixel_values": torch.cat(crops) if crops else None, "image_sizes": image_sizes, "where": where}
+
+
+def collate_pairs(samples, pack=False, pad_id=0):
+    """B pairs -> one batch of 2B rows: the B chosen rows, then the B rejected rows. Images appear once, in pair
+    order, for the model's image_repeat=2."""
+    real = [s for s in samples if not isinstance(s, Skip)]
+    batch = {"skipped": [(s.reason, s.where) for s in samples if isinstance(s, Skip)], "n": len(real),
+             "ids": [s["id"] for s in real]}
+    if not real:
+        return batch
+    rows = [s["chosen"] for s in real] + [s["rejected"] for s in real]
+    rows = [{"input_ids": ids, "targets": tgt, "pixel_values": None, "image_sizes": None, "truncated": None}
+            for ids, tgt in rows]
+    batch.update({k: v for k, v in collate(rows, pack, pad_id).items() if k not in ("skipped", "n", "truncated")})
+    crops = [s["pixel_values"] for s in real if s["pixel_values"] is not None]
+    batch["pixel_values"] = torch.cat(crops) if crops else None
+    batch["image_sizes"] = torch.cat([s["image_sizes"] for s in real]) if crops else None
+    batch["chosen_supervised"] = int(sum((s["chosen"][1] != -100).sum() for s in real))
+    return batch
+
+
+def per_sequence(lp, batch):
+    """Per-position log-probs (B, T) or packed (1, N) -> the sum over each row's (sample's) positions."""
+    if "cu_seqlens" not in batch:
+        return lp.sum(-1)
+    cu = batch["cu_seqlens"].to(lp.device).long()
+    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=lp.device), cu[1:] - cu[:-1])
+    return lp.new_zeros(len(cu) - 1).index_add(0, segment, lp[0])       # not a cumsum: no cancellation

@@ -94,13 +94,16 @@ class LlavaNext(nn.Module):
         # the base (whole-image) features come first: the model sees the overview, then the detail
         return torch.cat([base, grid.flatten(1).t()], dim=0)
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None):
-        """Token embeddings with image features scattered into the image-token slots, in order."""
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None, image_repeat=1):
+        """Token embeddings with image features scattered into the image-token slots, in order. image_repeat=k: the
+        batch is k blocks that share the images (DPO's chosen and rejected rows): each image is encoded once."""
         is_image = input_ids == self.config.image_token_index
         # the image token may lie outside the vocabulary (original LLaVA checkpoints): its rows are replaced anyway
         x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if image_features is None and pixel_values is not None and len(pixel_values) > 0:
             image_features = self.encode_images(pixel_values, image_sizes)
+        if image_features and image_repeat > 1:
+            image_features = list(image_features) * image_repeat
         n_tokens = int(is_image.sum())
         n_feats = sum(f.shape[0] for f in image_features) if image_features else 0
         if n_tokens != n_feats:
@@ -115,7 +118,7 @@ class LlavaNext(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 cu_seqlens=None, max_seqlen=None, cache=None, image_features=None, inputs_embeds=None,
-                return_hidden=False, targets=None, keep_vision_in_graph=False):
+                return_hidden=False, targets=None, keep_vision_in_graph=False, image_repeat=1):
         """input_ids (B, T) -> logits (B, T, V); or the final normed hidden states (B, T, C) with return_hidden; or,
         given targets (B, T) (the next token at each position, -100 where not trained), fp32 log p(target) per
         position (0 where ignored) through kernels.token_logprobs, so the [B, T, V] logits never exist. Training
@@ -126,9 +129,10 @@ class LlavaNext(nn.Module):
         own mask; position_ids must then be given. inputs_embeds replaces input_ids (already embedded tokens).
         keep_vision_in_graph: a batch without images still runs the vision tower on one blank crop at weight 0, so
         that every rank's vision parameters join the gradient reduction (DDP and FSDP would wait for them).
+        image_repeat: the rows form that many blocks sharing the images, which are encoded once (see embed).
         """
         x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, pixel_values, image_sizes,
-                                                                        image_features)
+                                                                        image_features, image_repeat)
         B, T = x.shape[:2]
         if position_ids is None:
             if cache is not None:

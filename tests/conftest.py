@@ -120,7 +120,7 @@ def llama3_tokenizer_dir():
     return os.path.join(spec.submodule_search_locations[0], "tokenizer")
 
 
-def build_tiny_model_dir(path, seed=0, level="tiny", n_train=64):
+def build_tiny_model_dir(path, seed=0, level="tiny", n_train=64, n_test=16):
     """A tiny LLaVA-NeXT (CLIP 32 px crops, 2x2 anyres grid on 64 px charts; 2-layer Llama) with a word-level
     tokenizer for the synthetic task, plus distilled SFT rows: (model dir, data dir, sft jsonl)."""
     import distill
@@ -130,7 +130,7 @@ def build_tiny_model_dir(path, seed=0, level="tiny", n_train=64):
     from data import prompts
     os.makedirs(path, exist_ok=True)
     data = os.path.join(path, "data")
-    generate(data, n_train, seed=seed, level=level, n_test=16)
+    generate(data, n_train, seed=seed, level=level, n_test=n_test)
     sft = os.path.join(path, "sft.jsonl")
     distill.main(["--data", os.path.join(data, "train.jsonl"), "--image-root", data, "--out", sft,
                   "--teacher", "synthetic", "--with-direct"])

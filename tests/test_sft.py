@@ -37,12 +37,12 @@ def weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
-def torchrun(argv, n=2):
+def torchrun(argv, n=2, script="train_sft.py"):
     with socket.socket() as s:                      # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
-           "train_sft.py", *argv]
+           script, *argv]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out

@@ -1,0 +1,201 @@
+"""Stage 3a (paper §5.1): sample CoT answers from the SFT model, grade them, and build DPO pairs.
+
+    python sample.py --model runs/sft/final --data runs/syn/train.jsonl --image-root runs/syn --n 32 \\
+        --temperature 1.0 --out runs/dpo/pairs.jsonl
+    torchrun --nproc_per_node 8 sample.py --model runs/sft/final --data chartqa_train.jsonl aokvqa_train.jsonl \\
+        --image-root images --n 32 --out runs/dpo/pairs.jsonl
+
+For each question: N CoT answers at temperature T from ONE shared prefill (model.generate(n=N)), each graded by its
+extracted answer under the dataset's metric; questions whose sample accuracy lies in [--min-acc, --max-acc]
+(paper: 0.25-0.85) give up to --pairs-per-question (correct, incorrect) pairs, drawn at random with a seed per
+question. Out: PAIRS in the released dpo_data format ({"id", "image", "question", "chosen", "rejected"} + the
+sampled accuracy), PAIRS.rft.jsonl (the chosen answers as SFT rows: the rejection-sampling baseline), and
+PAIRS.questions.jsonl (one line per question: accuracy, kept or why not; for the synthetic task also how many
+"correct" samples hold a wrong step). Resumable: a rerun skips questions already sampled. Under torchrun each rank
+samples every world-th question into its own part files; rank 0 merges them in question order.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import zlib
+
+import torch
+from tqdm import tqdm
+
+from common import Dist, print0
+from data.answers import grade
+from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
+from data.prompts import model_prompt
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the SFT model (Hugging Face directory)")
+    ap.add_argument("--data", nargs="+", required=True, help="QA record JSONL file(s)")
+    ap.add_argument("--image-root", default=".")
+    ap.add_argument("--out", required=True, help="pairs JSONL (dpo_data format)")
+    ap.add_argument("--n", type=int, default=32, help="CoT samples per question")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--min-acc", type=float, default=0.25, help="keep questions with sample accuracy >= this")
+    ap.add_argument("--max-acc", type=float, default=0.85, help="... and <= this")
+    ap.add_argument("--pairs-per-question", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=None, help="first N records")
+    ap.add_argument("--template", choices=["llava", "hf"], default="llava")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def question_seed(seed, qid):
+    return zlib.crc32(f"{seed}/{qid}".encode())
+
+
+def build_pairs(correct, incorrect, cap, rng):
+    """Up to `cap` distinct (correct, incorrect) pairs at random: chosen and rejected drawn without repeats while
+    both lists last, then combinations. Never two correct (or two incorrect) answers in a pair."""
+    correct, incorrect = list(dict.fromkeys(correct)), list(dict.fromkeys(incorrect))
+    rng.shuffle(correct)
+    rng.shuffle(incorrect)
+    combos = [(c, i) for c in range(len(correct)) for i in range(len(incorrect))]
+    combos.sort(key=lambda ci: (max(ci), ci[0] != ci[1]))      # (0,0), (1,1), ... first: distinct answers first
+    return [(correct[c], incorrect[i]) for c, i in combos[:cap]]
+
+
+def pair_question(rec):
+    """The question field of a pair: the human turn without its image tag (the loader adds it back)."""
+    return model_prompt(rec, "cot").replace("<image>\n", "", 1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = Dist()
+    try:
+        records = load_qa(args.data)
+    except (FormatError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    records = records[:args.limit] if args.limit else records
+    from model import LlavaNext, Processor
+    dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    model = LlavaNext.from_pretrained(args.model, dtype=dtype, device=d.device).eval()
+    proc = Processor.from_pretrained(args.model)
+    eos = set(model.eos_token_ids)
+    special = {proc.image_token_id} | {i for i in (proc.tokenizer.token_to_id(t) for t in (
+        "<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>")) if i is not None}
+
+    base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
+    part = f".rank{d.rank}" if d.distributed else ""
+    paths = {"pairs": f"{base}{part}.jsonl" if part else args.out, "rft": f"{base}.rft{part}.jsonl",
+             "questions": f"{base}.questions{part}.jsonl"}
+    if not os.path.exists(paths["questions"]):            # a half-run without its question log starts over
+        for p in (paths["pairs"], paths["rft"]):
+            if os.path.exists(p):
+                os.remove(p)
+    repair_tail(paths["questions"])
+    done = {str(q["id"]) for _, q in read_jsonl(paths["questions"])} if os.path.exists(paths["questions"]) else set()
+    writers = {k: Appender(p) for k, p in paths.items()}
+    mine = [r for i, r in enumerate(records) if i % d.world == d.rank and r["id"] not in done]
+    print0(f"{len(records)} questions, {d.world} process(es); this rank: {len(mine)} to sample "
+           f"({args.n} CoT samples each at T={args.temperature})")
+    stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
+    for rec in tqdm(mine, desc="sample", unit="q", disable=not d.main, dynamic_ncols=True):
+        images = []
+        if rec.get("image"):
+            try:
+                images = [proc.load_image(os.path.join(args.image_root, rec["image"]))]
+            except (OSError, ValueError) as e:
+                writers["questions"].write({"id": rec["id"], "status": f"image: {e}"})
+                stats["bad image"] += 1
+                continue
+        pv, sizes = proc.preprocess_images(images)
+        ids, _ = proc.tokenize([{"from": "human", "value": model_prompt(rec, "cot")}], sizes,
+                               template=args.template, add_generation_prompt=True)
+        out = model.generate(torch.tensor([ids], device=d.device), pv.to(d.device) if images else None,
+                             sizes if images else None, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, n=args.n,
+                             seed=question_seed(args.seed, rec["id"]))
+        correct, incorrect, wrong_steps, dropped = [], [], 0, 0
+        for row in out.tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos), None)
+            if stop is None or any(t in special for t in row[:stop]):
+                dropped += 1                               # unfinished, or holding an image / control token
+                continue
+            text = proc.decode(row[:stop])
+            _, s, found = grade(rec, text)
+            if found and s >= 1.0:
+                correct.append(text)
+                if rec["dataset"] == "synthetic" and "meta" in rec:
+                    from data.synthetic import steps_correct
+                    wrong_steps += not steps_correct(rec, text)
+            else:
+                incorrect.append(text)
+        graded = len(correct) + len(incorrect)
+        acc = len(correct) / graded if graded else 0.0
+        stats["dropped samples"] += dropped
+        status = "kept" if graded and args.min_acc <= acc <= args.max_acc and correct and incorrect else \
+            "too easy" if acc > args.max_acc else "too hard"
+        pairs = []
+        if status == "kept":
+            rng = random.Random(question_seed(args.seed + 1, rec["id"]))
+            pairs = build_pairs(correct, incorrect, args.pairs_per_question, rng)
+            q = pair_question(rec)
+            rows = [{"id": f"{rec['id']}-p{k}", "image": rec.get("image"), "question": q, "chosen": c,
+                     "rejected": r, "accuracy": acc, "dataset": rec["dataset"], "answers": rec["answers"],
+                     "source_id": rec["id"]} for k, (c, r) in enumerate(pairs)]
+            writers["pairs"].write(*rows)
+            writers["rft"].write(*[{"id": f"{rec['id']}-rft{k}", "image": rec.get("image"),
+                                    "conversations": [{"from": "human", "value": model_prompt(rec, "cot")},
+                                                      {"from": "gpt", "value": c}]}
+                                   for k, c in enumerate(dict.fromkeys(c for c, _ in pairs))])
+        stats[status] += 1
+        stats["pairs"] += len(pairs)
+        writers["questions"].write({"id": rec["id"], "status": status, "accuracy": acc, "graded": graded,
+                                    "correct": len(correct), "dropped": dropped, "pairs": len(pairs),
+                                    "correct_with_wrong_steps": wrong_steps})
+    for w in writers.values():
+        w.close()
+    d.barrier()
+    if d.distributed and d.main:
+        merge(args.out, base, d.world, records)
+    if d.main:
+        summarize(args.out, base, stats)
+    d.close()
+    return 0
+
+
+def merge(out, base, world, records):
+    """Rank part files -> one file each, in question order (the same file one process would have written)."""
+    order = {r["id"]: i for i, r in enumerate(records)}
+    for name, suffix in (("pairs", ""), ("rft", ".rft"), ("questions", ".questions")):
+        rows = []
+        for r in range(world):
+            p = f"{base}{suffix}.rank{r}.jsonl"
+            if os.path.exists(p):
+                rows += [row for _, row in read_jsonl(p)]
+        key = "source_id" if name == "pairs" else "id"
+        rows.sort(key=lambda row: (order.get(str(row.get(key, "")).rsplit("-rft", 1)[0], 0), str(row["id"])))
+        target = out if name == "pairs" else f"{base}{suffix}.jsonl"
+        with open(target, "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def summarize(out, base, stats):
+    qs = [q for _, q in read_jsonl(f"{base}.questions.jsonl")] if os.path.exists(f"{base}.questions.jsonl") else []
+    n_correct = sum(q.get("correct", 0) for q in qs if q.get("status") == "kept")
+    wrong = sum(q.get("correct_with_wrong_steps", 0) for q in qs if q.get("status") == "kept")
+    by = {s: sum(1 for q in qs if q.get("status") == s) for s in ("kept", "too easy", "too hard")}
+    pairs = sum(q.get("pairs", 0) for q in qs)
+    print(f"questions: {len(qs)} | kept {by['kept']} | too easy {by['too easy']} | too hard {by['too hard']} | "
+          f"pairs {pairs} -> {out}")
+    if wrong:
+        print(f"outcome-correct samples with a wrong step (kept questions): {wrong} of {n_correct} "
+              f"({100 * wrong / max(n_correct, 1):.0f}%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""DPO: the loss by hand, ln 2 at the start, gradients against plain torch, pair building, truncation, process-count
+and precomputed-reference equivalence, exact resume, the token-reward page, and a reward-accuracy gain."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sample
+import train_dpo
+import train_sft
+from conftest import build_tiny_model_dir
+from data.collate import PairDataset, collate_pairs, per_sequence
+from data.synthetic import teacher
+from model import LlavaNext, Processor
+from test_sft import torchrun
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny SFT model (300 steps on the synthetic task) and teacher-made pairs: chosen = a correct rationale,
+    rejected = the same steps with a wrong final answer (so preferring the chosen is learnable from the text)."""
+    root = str(tmp_path_factory.mktemp("dpo"))
+    model_dir, data, sft = build_tiny_model_dir(root, n_train=240, n_test=80)
+    train_sft.main(["--model", model_dir, "--data", sft, "--image-root", data, "--out", os.path.join(root, "sft"),
+                    "--max-steps", "300", "--batch-size", "16", "--lr", "3e-3", "--workers", "0"])
+    paths = {}
+    for split in ("train", "test"):
+        rng, rows = random.Random(0), []
+        for line in open(os.path.join(data, f"{split}.jsonl")):
+            rec = json.loads(line)
+            if rec["meta"]["family"] == "caption":
+                continue
+            chosen = teacher(rec, rng)
+            body, ans = chosen.rsplit("### Answer: ", 1)
+            try:
+                wrong = str(int(float(ans)) + rng.choice([-2, -1, 1, 2]))
+            except ValueError:
+                wrong = {"yes": "no", "no": "yes"}.get(ans, "B" if ans == "A" else "A")
+            rows.append({"id": rec["id"] + "-p0", "image": rec["image"], "question": sample.pair_question(rec),
+                         "chosen": chosen, "rejected": body + "### Answer: " + wrong, "dataset": "synthetic"})
+        paths[split] = os.path.join(root, f"{split}_pairs.jsonl")
+        with open(paths[split], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"root": root, "sft": os.path.join(root, "sft", "final"), "data": data, "pairs": paths["train"],
+            "dev": paths["test"]}
+
+
+def dpo_args(s, out, *extra):
+    return ["--model", s["sft"], "--pairs", s["pairs"], "--image-root", s["data"], "--out", str(out), "--workers",
+            "0", "--batch-size", "8", "--global-batch", "8", "--lr", "1e-3", *extra]
+
+
+def rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_loss_by_hand():
+    """pc=-10, pr=-12, rc=rr=-11, beta=0.1: rewards +0.1 / -0.1, z = 0.2,
+    loss = log(1 + e^-0.2) = 0.5981388693; with label smoothing 0.1: 0.9 * 0.5981389 + 0.1 * log(1 + e^0.2)
+    = 0.5383249824 + 0.0798138869 = 0.6181388693."""
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    loss, rc, rr = train_dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), 0.1)
+    assert loss.item() == pytest.approx(0.5981388693, abs=1e-9)
+    assert rc.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
+    smooth, _, _ = train_dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), 0.1, label_smoothing=0.1)
+    assert smooth.item() == pytest.approx(0.6181388693, abs=1e-9)
+
+
+def test_starts_at_ln2_with_zero_rewards(setup, tmp_path):
+    train_dpo.main(dpo_args(setup, tmp_path / "d", "--max-steps", "1"))
+    first = rows(tmp_path / "d")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-7
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margin"] == 0.0
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_gradients_match_plain_torch(setup, backend, monkeypatch):
+    """The DPO loss through our fused log-probs (chunked torch or Triton) against logits -> log_softmax -> gather."""
+    monkeypatch.setenv("LLAVA_KERNELS", backend)
+    proc = Processor.from_pretrained(setup["sft"])
+    pairs = [(json.loads(line), "x") for line in open(setup["pairs"])][:3]
+    mb = collate_pairs([PairDataset(pairs, proc, setup["data"])[i] for i in range(3)])
+    policy = LlavaNext.from_pretrained(setup["sft"])
+    policy.requires_grad_(True)
+    policy.freeze_unused()
+    ref_c, ref_r = torch.tensor([-30.0, -28.0, -33.0]), torch.tensor([-31.0, -27.0, -30.0])
+
+    def grads(fused):
+        policy.zero_grad()
+        args = (mb["input_ids"], mb["pixel_values"], mb["image_sizes"], mb["attention_mask"])
+        if fused:
+            lp = policy(*args, targets=mb["targets"], image_repeat=2)
+        else:
+            logits = policy(*args, image_repeat=2).float()
+            tgt = mb["targets"]
+            lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt != -100)
+        seq = per_sequence(lp, mb)
+        train_dpo.dpo_loss(seq[:3], seq[3:], ref_c, ref_r, 0.1)[0].mean().backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    ours, plain = grads(True), grads(False)
+    assert ours.keys() == plain.keys() and len(ours) > 10
+    for n in ours:
+        torch.testing.assert_close(ours[n], plain[n], atol=2e-6, rtol=1e-4, msg=n)
+
+
+def test_pair_building_window_cap_determinism():
+    correct, incorrect = [f"c{i}" for i in range(5)], [f"w{i}" for i in range(2)]
+    a = sample.build_pairs(correct, incorrect, 3, random.Random(1))
+    b = sample.build_pairs(correct, incorrect, 3, random.Random(1))
+    assert a == b and len(a) == 3 and len(set(a)) == 3
+    assert all(c.startswith("c") and r.startswith("w") for c, r in a)      # never two correct answers
+    assert len({c for c, _ in a[:2]}) == 2 and len({r for _, r in a[:2]}) == 2   # distinct ones first
+    assert sample.build_pairs(["c"], ["w"], 3, random.Random(0)) == [("c", "w")]
+    assert sample.build_pairs(correct, [], 3, random.Random(0)) == []
+
+
+def test_sample_py_windows_pairs_and_resumes(setup, tmp_path, monkeypatch):
+    """Scripted generations (the sampler's mechanics; real sampling is tested in test_generation): 8 samples per
+    question with 0, 3, 6 or 8 correct ones; the [0.25, 0.85] window keeps the middle two."""
+    proc = Processor.from_pretrained(setup["sft"])
+    recs = [json.loads(line) for line in open(os.path.join(setup["data"], "test.jsonl"))]
+    recs = [r for r in recs if r["meta"]["family"] in ("lookup", "count_above")][:4]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    n_correct = {r["id"]: k for r, k in zip(recs, (0, 3, 6, 8))}
+    eot = proc.token_id("<|eot_id|>")
+    order = iter(recs)
+
+    def fake_generate(self, ids, pv, sizes, *a, n=1, **k):
+        rec = next(order)
+        right = teacher(rec, random.Random(0))
+        k = n_correct[rec["id"]]
+        texts = [f"{j} {right}" for j in range(k)] + [right.rsplit("### Answer: ", 1)[0] + f"### Answer: {990 + j}"
+                                                      for j in range(n - k)]     # distinct samples
+        rows = [proc.encode(t)[0] + [eot] for t in texts]
+        T = max(map(len, rows))
+        return torch.tensor([r + [eot] * (T - len(r)) for r in rows])
+
+    monkeypatch.setattr(LlavaNext, "generate", fake_generate)
+    out = tmp_path / "pairs.jsonl"
+    assert sample.main(["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--n", "8",
+                        "--out", str(out)]) == 0
+    pairs = [json.loads(line) for line in open(out)]
+    assert {p["source_id"] for p in pairs} == {recs[1]["id"], recs[2]["id"]}
+    assert len(pairs) == 6 and all(p["accuracy"] in (3 / 8, 6 / 8) for p in pairs)
+    assert all("### Answer : 99" in p["rejected"] and "### Answer : 99" not in p["chosen"] for p in pairs)
+    assert set(pairs[0]) >= {"id", "image", "question", "chosen", "rejected"}
+    rft = [json.loads(line) for line in open(tmp_path / "pairs.rft.jsonl")]
+    assert rft and all(r["conversations"][1]["value"] in {p["chosen"] for p in pairs} for r in rft)
+    status = [json.loads(line)["status"] for line in open(tmp_path / "pairs.questions.jsonl")]
+    assert status == ["too hard", "kept", "kept", "too easy"]
+    monkeypatch.setattr(LlavaNext, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("resampled")))
+    assert sample.main(["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--n", "8",
+                        "--out", str(out)]) == 0                                         # resume: nothing to do
+    assert len(open(out).readlines()) == 6
+
+
+def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(setup):
+    proc = Processor.from_pretrained(setup["sft"])
+    words = " ".join(f"w{i}" for i in range(120))
+    pair = {"id": "x", "image": None, "question": "Q ?", "chosen": words, "rejected": "short answer"}
+    ds = PairDataset([(pair, "x")], proc, setup["data"], truncate=90)
+    item = ds[0]
+    ids, tgt = item["chosen"]
+    trained = [t for t in tgt.tolist() if t != -100]
+    assert len(trained) == 90                               # one (unknown-word) token per word here
+    assert proc.token_id("<|eot_id|>") not in trained and ids[-1].item() != proc.token_id("<|eot_id|>")
+    prompt_len = (tgt != -100).nonzero()[0, 0].item() + 1
+    assert proc.token_id("<|end_header_id|>") in ids[:prompt_len].tolist()
+    assert len(PairDataset([(pair, "x")], proc, setup["data"], truncate=0)[0]["chosen"][1].ne(-100).nonzero()) == 120
+
+
+def test_two_processes_and_precomputed_reference_equal_one_live(setup, tmp_path):
+    common = ["--max-steps", "4"]
+    train_dpo.main(dpo_args(setup, tmp_path / "live", *common))
+    train_dpo.main(dpo_args(setup, tmp_path / "pre", *common, "--precompute-ref"))
+    args = dpo_args(setup, tmp_path / "ddp", *common)
+    args[args.index("--batch-size") + 1] = "4"
+    torchrun(args, script="train_dpo.py")
+    live = [r["loss"] for r in rows(tmp_path / "live")]
+    # tolerance 1e-4 on the loss: the step-1 losses agree exactly (ln 2), but 2 processes pad micro-batches of 4
+    # (and the precomputed reference ran in other batch shapes), so float sums differ in the last bits, and AdamW's
+    # first steps, which divide each gradient entry by its own magnitude, amplify that for entries near zero
+    for other, tol in (("ddp", 1e-4), ("pre", 1e-4)):
+        for a, b in zip(live, [r["loss"] for r in rows(tmp_path / other)]):
+            assert abs(a - b) <= tol, (other, live)
+
+
+def test_resume_is_exact(setup, tmp_path):
+    import shutil
+    common = ["--max-steps", "6", "--save-every", "3"]
+    train_dpo.main(dpo_args(setup, tmp_path / "a", *common))
+    train_dpo.main(dpo_args(setup, tmp_path / "b", *common))
+    shutil.rmtree(tmp_path / "b" / "checkpoint-000006")
+    assert train_dpo.main(dpo_args(setup, tmp_path / "b", *common, "--resume")) == 0
+    assert [r["loss"] for r in rows(tmp_path / "a")] == [r["loss"] for r in rows(tmp_path / "b")]
+
+
+def test_dpo_lifts_heldout_reward_accuracy_and_writes_the_audit_page(setup, tmp_path):
+    out = tmp_path / "d"
+    train_dpo.main(dpo_args(setup, out, "--max-steps", "40", "--dev-pairs", setup["dev"], "--audit-pairs", "3"))
+    dev = [r for r in rows(out) if "dev/accuracy" in r][-1]
+    assert dev["dev/accuracy"] > 0.6, dev                     # held-out pairs; 0 (all rewards equal) at the start
+    page = open(out / "token_rewards.html").read()
+    assert page.count("<h3>") == 3 and "title='" in page and "rgba(" in page

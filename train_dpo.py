@@ -1,0 +1,398 @@
+"""Stage 3b (paper §5.2): DPO of the SFT model on its own graded samples, against the frozen SFT model.
+
+    python train_dpo.py --model runs/sft/final --pairs runs/dpo/pairs.jsonl --image-root runs/syn --out runs/dpo \\
+        --beta 0.1 --truncate-words 90 --lr 5e-6 --max-steps 100 --batch-size 8
+    # the paper's recipe on 8 GPUs: lr 5e-7, cosine, 3% warm-up, 1 epoch, global batch 32, vision tower and
+    # projector frozen, responses cut to 90 words; the reference precomputed so that training holds one model
+    torchrun --nproc_per_node 8 train_dpo.py --model runs/sft/final --pairs pairs.jsonl --image-root images \\
+        --out runs/dpo --fsdp --batch-size 1 --global-batch 32 --lr 5e-7 --epochs 1 --precompute-ref \\
+        --dev-pairs dev_pairs.jsonl --eval-every 100 --grad-checkpointing
+
+Loss: sigmoid DPO, -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]) with log-probs summed
+over the response tokens (kernels.token_logprobs), optional --label-smoothing (conservative DPO) and an SFT (RPO)
+term on the chosen answers (--sft-weight); chosen and rejected rows in one forward, the image encoded once per pair.
+The loss is the mean over all pairs of the global batch, whose composition depends on the seed alone.
+Checkpoints, --resume, DDP / FSDP2 and logs work as in train_sft.py. --audit-pairs N writes OUT/token_rewards.html:
+each token of N pairs coloured by its implicit reward beta * (log pi - log ref).
+"""
+
+import argparse
+import html
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (Dist, Metrics, Timer, autocast, checkpoints, clip, grad_sync, load_model, load_trainer_state,
+                    lr_factor, print0, save, seed_all, set_lr, set_rng_state, wrap)
+from data.collate import PairDataset, collate_pairs, global_batches, micro_batches, per_sequence
+from data.formats import FormatError, load, validate_pair
+from model import LlavaNext, Processor
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    ap.add_argument("--model", required=True, help="the SFT model: the policy's start and the frozen reference")
+    ap.add_argument("--pairs", nargs="+", required=True, help="DPO pairs JSONL (dpo_data format)")
+    ap.add_argument("--dev-pairs", nargs="+", default=None, help="held-out pairs for dev metrics")
+    ap.add_argument("--image-root", default=".")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--truncate-words", type=int, default=90, help="keep the first K words of each response (0: all)")
+    ap.add_argument("--max-len", type=int, default=6144)
+    ap.add_argument("--template", choices=["llava", "hf"], default="llava")
+    ap.add_argument("--pack", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--workers", type=int, default=2)
+    # DPO
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise")
+    ap.add_argument("--sft-weight", type=float, default=0.0, help="weight of an NLL term on the chosen (RPO)")
+    ap.add_argument("--precompute-ref", action="store_true",
+                    help="run the reference once over the pairs and keep its log-probs, then drop it")
+    # optimisation
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=1, help="pairs per micro-batch per process")
+    ap.add_argument("--global-batch", type=int, default=32, help="pairs per optimizer step (sets --grad-accum)")
+    ap.add_argument("--grad-accum", type=int, default=None, help="overrides --global-batch")
+    ap.add_argument("--lr", type=float, default=5e-7)
+    ap.add_argument("--train-vision", action="store_true", help="train the vision tower (frozen by default)")
+    ap.add_argument("--train-projector", action="store_true", help="train the projector (frozen by default)")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--warmup-ratio", type=float, default=0.03)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.0)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    # checkpoints, logs
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--keep-checkpoints", type=int, default=3)
+    ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--eval-every", type=int, default=0, help="dev metrics every K steps (and at the end)")
+    ap.add_argument("--log-every", type=int, default=1)
+    ap.add_argument("--audit-pairs", type=int, default=0, help="write OUT/token_rewards.html for N pairs")
+    return ap.parse_args(argv)
+
+
+def dpo_loss(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    """Per-pair sigmoid DPO loss and implicit rewards. pc/pr: policy log-probs of chosen / rejected responses,
+    rc/rr: the reference's. Label smoothing eps: -(1 - eps) log s(z) - eps log s(-z) (conservative DPO)."""
+    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    z = chosen - rejected
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, chosen, rejected
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---------------------------------------------------------------- init
+    d = Dist()
+    seed_all(args.seed)
+    cuda = d.device.type == "cuda"
+    compute = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+               "bfloat16": torch.bfloat16}[args.dtype]
+    save_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+                  "bfloat16": torch.bfloat16}[args.save_dtype]
+    pack = args.pack == "on" or (args.pack == "auto" and cuda)
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---------------------------------------------------------------- data
+    processor = Processor.from_pretrained(args.model)
+    try:
+        pairs = [(p, f"pair {p['id']}") for p in load(args.pairs, validate_pair)]
+        dev = [(p, f"dev pair {p['id']}") for p in load(args.dev_pairs, validate_pair)] if args.dev_pairs else []
+    except (FormatError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    dataset = PairDataset(pairs, processor, args.image_root, args.truncate_words, args.template, args.max_len)
+    dev_set = PairDataset(dev, processor, args.image_root, args.truncate_words, args.template, args.max_len)
+    micro, world = args.batch_size, d.world
+    accum = args.grad_accum or max(1, args.global_batch // (micro * world))
+    global_size = micro * world * accum
+    per_epoch = len(pairs) // global_size
+    if per_epoch == 0:
+        raise SystemExit(f"error: {len(pairs)} pairs make no global batch of {global_size}")
+    total = args.max_steps or max(1, int(args.epochs * per_epoch))
+    lengths = [len(p["chosen"]) + len(p["rejected"]) + len(p["question"]) for p, _ in pairs]
+    print0(f"{len(pairs)} pairs | global batch {global_size} = {micro} per micro-batch x {world} processes x "
+           f"{accum} accumulation | {total} steps | beta {args.beta} | truncate {args.truncate_words} words | "
+           f"reference {'precomputed' if args.precompute_ref else 'live'}")
+    print0("config: " + json.dumps(vars(args)))
+
+    # ---------------------------------------------------------------- models
+    start, state, source = 0, None, args.model
+    if args.resume and checkpoints(args.out):
+        source = checkpoints(args.out)[-1]
+        state = load_trainer_state(os.path.join(source, "trainer_state.pt"))
+        start = state["step"]
+        print0(f"resuming from {source} at step {start}")
+    model = load_model(source, d, state)
+    model.vision_tower.requires_grad_(args.train_vision)
+    model.multi_modal_projector.requires_grad_(args.train_projector)
+    model.image_newline.requires_grad_(args.train_projector)
+    model.freeze_unused()
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    policy = wrap(model, args, d, compute)
+    reference = LlavaNext.from_pretrained(args.model, dtype=torch.float32, device=d.device).eval()
+    reference.requires_grad_(False)
+    reference = wrap(reference, args, d, compute, frozen=True)
+    collate = partial(collate_pairs, pack=pack, pad_id=0 if processor.image_token_id else 1)
+    ref_table = None
+    if args.precompute_ref:
+        ref_table = reference_table(reference, [dataset, dev_set], collate, args, d, compute)
+        del reference
+        reference = None
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"name": "llm", "params": params, "lr": args.lr}], lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=cuda or None)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(policy, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=d.distributed))
+        set_rng_state(state["rng"])
+        for g in optimizer.param_groups:
+            g["base_lr"] = args.lr
+
+    # ---------------------------------------------------------------- data order
+    schedule = []
+    for step in range(start, total):
+        batch = global_batches(lengths, global_size, args.seed, step // per_epoch)[step % per_epoch]
+        schedule += micro_batches(batch, micro, world, d.rank, accum)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=schedule, num_workers=args.workers,
+                                               collate_fn=collate, persistent_workers=args.workers > 0))
+
+    # ---------------------------------------------------------------- loop
+    metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
+    timer, t0, skipped = Timer(), time.time(), 0
+    bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not d.main, dynamic_ncols=True)
+    policy.train()
+    for step in range(start, total):
+        micro_list = [next(batches) for _ in range(accum)]
+        n_pairs = d.all_sum(sum(m["n"] for m in micro_list)).item()
+        chosen_tokens = d.all_sum(sum(m.get("chosen_supervised", 0) for m in micro_list)).item()
+        sums = torch.zeros(7, dtype=torch.float64)         # loss, r_chosen, r_rejected, correct, margin, pc, pr
+        for k, mb in enumerate(micro_list):
+            skipped += len(mb["skipped"])
+            with grad_sync(policy, args, d, k == accum - 1), autocast(d, compute):
+                pc, pr, lp_c = policy_logps(policy, mb, d)
+                rc, rr = ref_logps(reference, ref_table, mb, d, pc)
+                losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, args.beta, args.label_smoothing)
+                loss = losses.sum() / max(n_pairs, 1.0)
+                if args.sft_weight:
+                    loss = loss + args.sft_weight * (-lp_c) / max(chosen_tokens, 1.0)
+                (loss * world).backward()
+            with torch.no_grad():
+                sums += torch.stack([losses.sum(), r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(),
+                                     (r_c - r_r).sum(), pc.sum(), pr.sum()]).double().cpu()
+        gnorm = clip(model, args.clip)
+        set_lr(optimizer, lr_factor(step, total, args.warmup_ratio, args.min_lr_ratio))
+        if n_pairs > 0:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = d.all_sum(sums).cpu() / max(n_pairs, 1.0)
+        row = {"step": step + 1, "loss": float(sums[0]), "rewards/chosen": float(sums[1]),
+               "rewards/rejected": float(sums[2]), "rewards/accuracy": float(sums[3]), "rewards/margin": float(sums[4]),
+               "logps/chosen": float(sums[5]), "logps/rejected": float(sums[6]), "lr": optimizer.param_groups[0]["lr"],
+               "gnorm": gnorm, "pairs_s": n_pairs / timer.lap(), "time": time.time() - t0}
+        if dev and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
+            row.update(evaluate_pairs(policy, reference, ref_table, dev_set, collate, args, d, compute))
+        bar.update(1)
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
+            metrics.log(row)
+            if d.main:
+                bar.write(f"step {step + 1}/{total} | loss {row['loss']:.4f} | acc {row['rewards/accuracy']:.2f} | "
+                          f"margin {row['rewards/margin']:.3f} | chosen {row['rewards/chosen']:+.3f} | rejected "
+                          f"{row['rewards/rejected']:+.3f} | lr {row['lr']:.1e} | pairs/s {row['pairs_s']:.1f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            save(args, d, model, policy, optimizer, processor, step + 1, save_dtype)
+    bar.close()
+
+    # ---------------------------------------------------------------- save, dev, audit, summary
+    final = save(args, d, model, policy, optimizer, processor, total, save_dtype) if start < total else \
+        checkpoints(args.out)[-1]
+    dev_metrics = evaluate_pairs(policy, reference, ref_table, dev_set, collate, args, d, compute) if dev else {}
+    if dev_metrics:
+        metrics.log({"step": total, **dev_metrics})
+    metrics.close()
+    if args.audit_pairs:
+        if reference is None:                        # the precomputed path dropped it: load it for the audit only
+            reference = wrap(LlavaNext.from_pretrained(args.model, dtype=torch.float32, device=d.device).eval(),
+                             args, d, compute, frozen=True)
+        audit(policy, reference, dev_set if dev else dataset, collate, args, d, compute, processor)
+    if d.main:
+        link = os.path.join(args.out, "final")
+        if os.path.islink(link) or os.path.exists(link):
+            os.remove(link)
+        os.symlink(os.path.basename(final), link)
+        png = metrics.plot(os.path.join(args.out, "rewards.png"), keys=("loss", "rewards/accuracy",
+                                                                       "rewards/margin"), title="DPO")
+        print(f"done: {total - start} steps in {time.time() - t0:.0f}s; model {link}"
+              + (f"; dev {json.dumps({k: round(v, 4) for k, v in dev_metrics.items()})}" if dev_metrics else "")
+              + (f"; {skipped} pairs skipped" if skipped else "") + (f"; {png}" if png else ""))
+    d.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def forward_logps(model, mb, d):
+    """Per-position log-probs of a pair batch (2B rows, or packed) through the model's own forward."""
+    to = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+    return to, model(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
+                     cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
+                     image_repeat=2, keep_vision_in_graph=True)
+
+
+def policy_logps(policy, mb, d):
+    """(chosen sums, rejected sums, summed log-prob of all chosen tokens) for one micro-batch."""
+    if mb["n"] == 0:                                   # nothing here: still take part in the collectives
+        ids = torch.zeros(1, 1, dtype=torch.long, device=d.device)
+        lp = policy(ids, targets=torch.full_like(ids, -100), keep_vision_in_graph=True)
+        z = lp.sum()
+        return z[None][:0], z[None][:0], z
+    to, lp = forward_logps(policy, mb, d)
+    seq = per_sequence(lp, to)
+    B = mb["n"]
+    return seq[:B], seq[B:], seq[:B].sum()
+
+
+def ref_logps(reference, table, mb, d, like):
+    if mb["n"] == 0:
+        if table is None and reference is not None:   # a sharded reference needs every rank in every forward
+            with torch.no_grad():
+                policy_logps(reference, mb, d)
+        return like, like
+    if table is not None:
+        rc = torch.tensor([table[i][0] for i in mb["ids"]], device=like.device, dtype=like.dtype)
+        rr = torch.tensor([table[i][1] for i in mb["ids"]], device=like.device, dtype=like.dtype)
+        return rc, rr
+    with torch.no_grad():
+        to, lp = forward_logps(reference, mb, d)
+        seq = per_sequence(lp, to)
+    return seq[:mb["n"]], seq[mb["n"]:]
+
+
+def reference_table(reference, datasets, collate, args, d, compute):
+    """{pair id: (ref log p(chosen), ref log p(rejected))} over every pair, computed once (each rank a share,
+    gathered) and cached beside the checkpoints; a rerun with the same pairs and settings reuses it."""
+    path = os.path.join(args.out, "reference_logps.pt")
+    key = [os.path.abspath(args.model), args.truncate_words, args.template] + [
+        [os.path.abspath(f), os.path.getmtime(f)] for f in args.pairs + (args.dev_pairs or [])]
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == json.loads(json.dumps(key)):
+            print0(f"reference log-probs from {path}")
+            return cached["table"]
+    mine = {}
+    for ds in datasets:
+        for mb in tqdm(shares(ds, collate, args, d), desc="reference log-probs", disable=not d.main,
+                       dynamic_ncols=True):
+            with torch.no_grad(), autocast(d, compute):
+                rc, rr = ref_logps(reference, None, mb, d, torch.zeros(0))
+            for k, pid in enumerate(mb["ids"]):
+                mine[pid] = (float(rc[k]), float(rr[k]))
+    table = mine
+    if d.distributed:                                   # each rank computed its share: gather them
+        parts = [None] * d.world
+        torch.distributed.all_gather_object(parts, mine)
+        table = {k: v for p in parts for k, v in p.items()}
+    if d.main:
+        torch.save({"key": key, "table": table}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    d.barrier()
+    return table
+
+
+def shares(dataset, collate, args, d):
+    """This rank's share of a dataset in batches, padded with empty batches so that every rank runs the same number
+    of forwards (a sharded model needs all ranks in each one)."""
+    idx = list(range(d.rank, len(dataset), d.world))
+    batches = [idx[i:i + args.batch_size] for i in range(0, len(idx), args.batch_size)]
+    steps = int(d.all_max(len(batches)).item())
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                              num_workers=args.workers))
+    for _ in range(steps):
+        yield next(loader, {"n": 0, "ids": [], "skipped": []})
+
+
+def evaluate_pairs(policy, reference, table, dataset, collate, args, d, compute):
+    """Dev metrics with no gradient: loss, reward accuracy and margin, mean rewards."""
+    policy.eval()
+    sums, n = torch.zeros(5, dtype=torch.float64), 0
+    for mb in shares(dataset, collate, args, d):
+        with torch.no_grad(), autocast(d, compute):
+            pc, pr, _ = policy_logps(policy, mb, d)
+            rc, rr = ref_logps(reference, table, mb, d, pc)
+            losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, args.beta, args.label_smoothing)
+        sums += torch.stack([losses.sum(), (r_c > r_r).float().sum(), (r_c - r_r).sum(), r_c.sum(),
+                             r_r.sum()]).double().cpu()
+        n += mb["n"]
+    policy.train()
+    total = max(d.all_sum(n).item(), 1.0)
+    sums = d.all_sum(sums).cpu() / total
+    return {"dev/loss": float(sums[0]), "dev/accuracy": float(sums[1]), "dev/margin": float(sums[2]),
+            "dev/rewards_chosen": float(sums[3]), "dev/rewards_rejected": float(sums[4])}
+
+
+def audit(policy, reference, dataset, collate, args, d, compute, processor):
+    """OUT/token_rewards.html: every response token of the first N pairs coloured by beta * (log pi - log ref)
+    (green above 0, red below). The paper finds the reward concentrating on the first error of a chain."""
+    policy.eval()
+    pages = []
+    for i in range(min(args.audit_pairs, len(dataset))):
+        mb = collate([dataset[i]])
+        if mb["n"] == 0:
+            continue
+        with torch.no_grad(), autocast(d, compute):
+            to, lp_pol = forward_logps(policy, mb, d)
+            _, lp_ref = forward_logps(reference, mb, d)
+        rewards = (args.beta * (lp_pol - lp_ref)).float().cpu()
+        sides = []
+        for row, side in ((0, "chosen"), (1, "rejected")):
+            tgt = to["targets"].cpu()
+            if "cu_seqlens" in to:
+                a, b = to["cu_seqlens"][row].item(), to["cu_seqlens"][row + 1].item()
+                t, r = tgt[0, a:b], rewards[0, a:b]
+            else:
+                t, r = tgt[row], rewards[row]
+            keep = t != -100
+            sides.append((side, t[keep].tolist(), r[keep].tolist()))
+        pages.append((mb["ids"][0], sides))
+    if d.main:
+        scale = max((abs(x) for _, sides in pages for _, _, rs in sides for x in rs), default=1.0) or 1.0
+        out = ["<html><head><meta charset='utf-8'><title>token rewards</title><style>body{font-family:sans-serif;"
+               "max-width:60em} .t{white-space:pre-wrap;border-radius:3px}</style></head><body>",
+               f"<h2>Implicit reward per token, beta * (log pi - log ref), beta = {args.beta}</h2>"]
+        for pid, sides in pages:
+            out.append(f"<h3>{html.escape(pid)}</h3>")
+            for side, toks, rs in sides:
+                spans = []
+                for t, r in zip(toks, rs):
+                    a = min(1.0, abs(r) / scale)
+                    color = f"rgba(0,160,0,{a:.2f})" if r > 0 else f"rgba(220,0,0,{a:.2f})"
+                    spans.append(f"<span class='t' style='background:{color}' title='{r:+.4f}'>"
+                                 f"{html.escape(processor.decode([t], skip_special_tokens=False))}</span>")
+                out.append(f"<p><b>{side}</b> (sum {sum(rs):+.3f}): " + " ".join(spans) + "</p>")
+        out.append("</body></html>")
+        with open(os.path.join(args.out, "token_rewards.html"), "w") as f:
+            f.write("\n".join(out))
+        print(f"wrote {os.path.join(args.out, 'token_rewards.html')}")
+    policy.train()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
