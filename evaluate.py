@@ -69,11 +69,17 @@ def grade(rec, text, mode):
     return ans, score(rec["dataset"], ans, rec["answers"], rec.get("choices"), rec.get("meta")), ok
 
 
+def family_of(rec):
+    """The synthetic task's question family (reported separately), None elsewhere."""
+    return (rec.get("meta") or {}).get("family") if rec["dataset"] == "synthetic" else None
+
+
 def table(rows, out):
     """results.md / results.json: mean score x 100 per dataset and mode, counts, and the average over datasets."""
     cells = defaultdict(list)
-    for r in rows:
-        cells[(r["dataset"], r["mode"])].append(r)
+    for r in rows:                                    # the synthetic task reports each question family
+        name = r["dataset"] + (f" {r['family']}" if r.get("family") else "")
+        cells[(name, r["mode"])].append(r)
     datasets = sorted({d for d, _ in cells})
     modes = [m for m in ("direct", "cot", "cot majority", "cot best-of-n", "cot weighted") if any(
         k[1] == m for k in cells)]
@@ -143,7 +149,7 @@ def run_generation(model, proc, todo, mode, args, writer):
         ok = [(r, p) for r, p in chunk if not isinstance(p, str)]
         for rec, err in ((r, p) for r, p in chunk if isinstance(p, str)):
             writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "error": err, "score": 0.0,
-                          "format_ok": False, "gold": rec["answers"]})
+                          "format_ok": False, "gold": rec["answers"], "family": family_of(rec)})
         if ok:
             ids, mask = left_pad([p[0] for _, p in ok], pad_id=0)
             with_img = [p for _, p in ok if p[1] is not None]
@@ -156,7 +162,8 @@ def run_generation(model, proc, todo, mode, args, writer):
                 text = proc.decode(row[:stop])
                 ans, s, fmt_ok = grade(rec, text, mode)
                 writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "prompt": p[3],
-                              "output": text, "answer": ans, "score": s, "format_ok": fmt_ok, "gold": rec["answers"]})
+                              "output": text, "answer": ans, "score": s, "format_ok": fmt_ok, "gold": rec["answers"],
+                              "family": family_of(rec)})
         bar.update(len(chunk))
     bar.close()
 
@@ -183,7 +190,7 @@ def run_rerank(model, proc, todo, args, writer, dtype, device):
         if isinstance(p, str):
             for m in ("cot majority", "cot best-of-n", "cot weighted"):
                 writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "error": p, "score": 0.0,
-                              "gold": rec["answers"]})
+                              "gold": rec["answers"], "family": family_of(rec)})
             continue
         ids, pv, sizes, _ = p
         pv = pv.to(device) if pv is not None else None
@@ -209,6 +216,7 @@ def run_rerank(model, proc, todo, args, writer, dtype, device):
         weighted = max(weight, key=weight.get)
         for m, ans in (("cot majority", majority), ("cot best-of-n", answers[best]), ("cot weighted", weighted)):
             writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "answer": ans, "gold": rec["answers"],
+                          "family": family_of(rec),
                           "score": score(rec["dataset"], ans, rec["answers"], rec.get("choices"), rec.get("meta")),
                           "format_ok": True, "samples": texts if m == "cot best-of-n" else None,
                           "rewards": rewards if m == "cot best-of-n" else None})

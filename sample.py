@@ -29,6 +29,7 @@ from common import Dist, print0
 from data.answers import grade
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
 from data.prompts import model_prompt
+from model.generation import left_pad
 
 
 def parse_args(argv=None):
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-acc", type=float, default=0.85, help="... and <= this")
     ap.add_argument("--pairs-per-question", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="first N records")
+    ap.add_argument("--batch-size", type=int, default=8, help="questions per generate call (x n samples each)")
     ap.add_argument("--template", choices=["llava", "hf"], default="llava")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -103,60 +105,34 @@ def main(argv=None):
     print0(f"{len(records)} questions, {d.world} process(es); this rank: {len(mine)} to sample "
            f"({args.n} CoT samples each at T={args.temperature})")
     stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
-    for rec in tqdm(mine, desc="sample", unit="q", disable=not d.main, dynamic_ncols=True):
-        images = []
-        if rec.get("image"):
-            try:
-                images = [proc.load_image(os.path.join(args.image_root, rec["image"]))]
-            except (OSError, ValueError) as e:
-                writers["questions"].write({"id": rec["id"], "status": f"image: {e}"})
-                stats["bad image"] += 1
-                continue
+    bar = tqdm(total=len(mine), desc="sample", unit="q", disable=not d.main, dynamic_ncols=True)
+    for b in range(0, len(mine), args.batch_size):
+        chunk, prompts, images = [], [], []
+        for rec in mine[b:b + args.batch_size]:
+            img = None
+            if rec.get("image"):
+                try:
+                    img = proc.load_image(os.path.join(args.image_root, rec["image"]))
+                except (OSError, ValueError) as e:
+                    writers["questions"].write({"id": rec["id"], "status": f"image: {e}"})
+                    stats["bad image"] += 1
+                    continue
+            _, sizes = proc.preprocess_images([img] if img else [])
+            prompts.append(proc.tokenize([{"from": "human", "value": model_prompt(rec, "cot")}], sizes,
+                                         template=args.template, add_generation_prompt=True)[0])
+            chunk.append(rec)
+            images += [img] if img else []
+        if not chunk:
+            continue
+        ids, mask = left_pad(prompts, pad_id=0)
         pv, sizes = proc.preprocess_images(images)
-        ids, _ = proc.tokenize([{"from": "human", "value": model_prompt(rec, "cot")}], sizes,
-                               template=args.template, add_generation_prompt=True)
-        out = model.generate(torch.tensor([ids], device=d.device), pv.to(d.device) if images else None,
-                             sizes if images else None, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, n=args.n,
-                             seed=question_seed(args.seed, rec["id"]))
-        correct, incorrect, wrong_steps, dropped = [], [], 0, 0
-        for row in out.tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos), None)
-            if stop is None or any(t in special for t in row[:stop]):
-                dropped += 1                               # unfinished, or holding an image / control token
-                continue
-            text = proc.decode(row[:stop])
-            _, s, found = grade(rec, text)
-            if found and s >= 1.0:
-                correct.append(text)
-                if rec["dataset"] == "synthetic" and "meta" in rec:
-                    from data.synthetic import steps_correct
-                    wrong_steps += not steps_correct(rec, text)
-            else:
-                incorrect.append(text)
-        graded = len(correct) + len(incorrect)
-        acc = len(correct) / graded if graded else 0.0
-        stats["dropped samples"] += dropped
-        status = "kept" if graded and args.min_acc <= acc <= args.max_acc and correct and incorrect else \
-            "too easy" if acc > args.max_acc else "too hard"
-        pairs = []
-        if status == "kept":
-            rng = random.Random(question_seed(args.seed + 1, rec["id"]))
-            pairs = build_pairs(correct, incorrect, args.pairs_per_question, rng)
-            q = pair_question(rec)
-            rows = [{"id": f"{rec['id']}-p{k}", "image": rec.get("image"), "question": q, "chosen": c,
-                     "rejected": r, "accuracy": acc, "dataset": rec["dataset"], "answers": rec["answers"],
-                     "source_id": rec["id"]} for k, (c, r) in enumerate(pairs)]
-            writers["pairs"].write(*rows)
-            writers["rft"].write(*[{"id": f"{rec['id']}-rft{k}", "image": rec.get("image"),
-                                    "conversations": [{"from": "human", "value": model_prompt(rec, "cot")},
-                                                      {"from": "gpt", "value": c}]}
-                                   for k, c in enumerate(dict.fromkeys(c for c, _ in pairs))])
-        stats[status] += 1
-        stats["pairs"] += len(pairs)
-        writers["questions"].write({"id": rec["id"], "status": status, "accuracy": acc, "graded": graded,
-                                    "correct": len(correct), "dropped": dropped, "pairs": len(pairs),
-                                    "correct_with_wrong_steps": wrong_steps})
+        out = model.generate(ids.to(d.device), pv.to(d.device) if images else None, sizes if images else None,
+                             mask.to(d.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, n=args.n, seed=question_seed(args.seed, chunk[0]["id"])).tolist()
+        for k, rec in enumerate(chunk):
+            handle(rec, out[k * args.n:(k + 1) * args.n], proc, eos, special, args, writers, stats)
+        bar.update(len(chunk))
+    bar.close()
     for w in writers.values():
         w.close()
     d.barrier()
@@ -166,6 +142,47 @@ def main(argv=None):
         summarize(args.out, base, stats)
     d.close()
     return 0
+
+
+def handle(rec, samples, proc, eos, special, args, writers, stats):
+    """Grade one question's samples, window it by accuracy, write its pairs, RFT rows and log line."""
+    correct, incorrect, wrong_steps, dropped = [], [], 0, 0
+    for row in samples:
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        if stop is None or any(t in special for t in row[:stop]):
+            dropped += 1                                   # unfinished, or holding an image / control token
+            continue
+        text = proc.decode(row[:stop])
+        _, s, found = grade(rec, text)
+        if found and s >= 1.0:
+            correct.append(text)
+            if rec["dataset"] == "synthetic" and "meta" in rec:
+                from data.synthetic import steps_correct
+                wrong_steps += not steps_correct(rec, text)
+        else:
+            incorrect.append(text)
+    graded = len(correct) + len(incorrect)
+    acc = len(correct) / graded if graded else 0.0
+    stats["dropped samples"] += dropped
+    status = "kept" if graded and args.min_acc <= acc <= args.max_acc and correct and incorrect else \
+        "too easy" if acc > args.max_acc else "too hard"
+    pairs = []
+    if status == "kept":
+        rng = random.Random(question_seed(args.seed + 1, rec["id"]))
+        pairs = build_pairs(correct, incorrect, args.pairs_per_question, rng)
+        q = pair_question(rec)
+        writers["pairs"].write(*[{"id": f"{rec['id']}-p{k}", "image": rec.get("image"), "question": q, "chosen": c,
+                                  "rejected": r, "accuracy": acc, "dataset": rec["dataset"], "answers": rec["answers"],
+                                  "source_id": rec["id"]} for k, (c, r) in enumerate(pairs)])
+        writers["rft"].write(*[{"id": f"{rec['id']}-rft{k}", "image": rec.get("image"),
+                                "conversations": [{"from": "human", "value": model_prompt(rec, "cot")},
+                                                  {"from": "gpt", "value": c}]}
+                               for k, c in enumerate(dict.fromkeys(c for c, _ in pairs))])
+    stats[status] += 1
+    stats["pairs"] += len(pairs)
+    writers["questions"].write({"id": rec["id"], "status": status, "accuracy": acc, "graded": graded,
+                                "correct": len(correct), "dropped": dropped, "pairs": len(pairs),
+                                "correct_with_wrong_steps": wrong_steps})
 
 
 def merge(out, base, world, records):

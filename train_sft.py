@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common import (Dist, Metrics, Timer, autocast, checkpoints, clip, grad_sync, load_model, load_trainer_state,
-                    lr_factor, peak_flops, print0, save, seed_all, set_lr, set_rng_state, wrap)
+                    lr_factor, peak_flops, precision, print0, save, seed_all, set_lr, set_rng_state, wrap)
 from data.collate import (SFTDataset, Skip, collate, estimate_length, global_batches, histogram, load_rows,
                           micro_batches)
 from data.formats import FormatError
@@ -89,11 +89,7 @@ def main(argv=None):
     d = Dist()
     seed_all(args.seed)
     cuda = d.device.type == "cuda"
-    compute = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-               "bfloat16": torch.bfloat16}[args.dtype]
-    save_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-                  "bfloat16": torch.bfloat16}[args.save_dtype]
-    pack = args.pack == "on" or (args.pack == "auto" and cuda)
+    compute, save_dtype, pack = precision(args, d)
     os.makedirs(args.out, exist_ok=True)
 
     # ---------------------------------------------------------------- data

@@ -129,18 +129,17 @@ def estimate_length(row, processor, image_root):
 
 # ------------------------------------------------------------------------------------------------ batch order
 
-def global_batches(lengths, global_size, seed, epoch, group_by_length=True, mega=32):
-    """Lists of global_size sample indices for one epoch, from (seed, epoch) alone. Length-grouped: within chunks of
-    mega global batches, similar lengths share a batch (less padding, one packed length); the batch order is then
-    shuffled. An incomplete last batch is dropped."""
+def global_batches(lengths, global_size, seed, epoch, group_by_length=True):
+    """Lists of global_size sample indices for one epoch, from (seed, epoch) alone. Each global batch is a random
+    draw; group_by_length sorts it by length, so that the micro-batches cut from it (per rank, per accumulation
+    step) hold similar lengths: less padding, without making whole optimizer steps of one kind of sample, which
+    stalls learning (LLaVA's modality-length grouping does the same). An incomplete last batch is dropped."""
     rng = random.Random(f"{seed}/{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if group_by_length:
-        chunk = global_size * mega
-        order = [i for c in range(0, len(order), chunk) for i in sorted(order[c:c + chunk], key=lambda i: -lengths[i])]
     batches = [order[b:b + global_size] for b in range(0, len(order) - global_size + 1, global_size)]
-    rng.shuffle(batches)
+    if group_by_length:
+        batches = [sorted(b, key=lambda i: -lengths[i]) for b in batches]
     return batches
 
 

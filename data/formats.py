@@ -148,3 +148,9 @@ class Appender:
 
     def close(self):
         self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

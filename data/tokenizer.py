@@ -18,10 +18,11 @@ def words(text):
     return [w for w, _ in _PRE.pre_tokenize_str(text)]
 
 
-def build_word_tokenizer(texts, path=None):
-    """A tokenizer whose vocabulary is every word of `texts` (plus the chat template's words); saved to `path`."""
+def build_word_tokenizer(texts, path=None, max_number=1000):
+    """A tokenizer whose vocabulary is every word of `texts`, the chat template's words and the integers up to
+    max_number; saved to `path`."""
     vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for text in list(texts) + [SYSTEM_PROMPT, "system user assistant"] + [str(i) for i in range(1001)]:
+    for text in list(texts) + [SYSTEM_PROMPT, "system user assistant"] + [str(i) for i in range(max_number + 1)]:
         for w in words(text):
             vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

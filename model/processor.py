@@ -138,8 +138,12 @@ class ImageProcessor:
 
 
 class Processor:
-    def __init__(self, config: LlavaNextConfig, image_processor: ImageProcessor, tokenizer=None, path=None):
+    def __init__(self, config: LlavaNextConfig, image_processor: ImageProcessor, tokenizer=None, path=None,
+                 system_prompt=SYSTEM_PROMPT):
         self.config = config
+        # the "llava" template's system prompt; a model directory may set its own in processor_config.json
+        # ("system_prompt", our key; "" for none, as the tiny demo model does)
+        self.system_prompt = system_prompt
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.path = path
@@ -170,7 +174,12 @@ class Processor:
         if os.path.exists(tok_path):
             from tokenizers import Tokenizer
             tokenizer = Tokenizer.from_file(tok_path)
-        return cls(config, image_processor, tokenizer, path)
+        system = SYSTEM_PROMPT
+        pc = os.path.join(path, "processor_config.json")
+        if os.path.exists(pc):
+            with open(pc) as f:
+                system = json.load(f).get("system_prompt", SYSTEM_PROMPT)
+        return cls(config, image_processor, tokenizer, path, system)
 
     def save_pretrained(self, path):
         """Write preprocessor_config.json and the tokenizer files (copied through from the source directory)."""
@@ -183,6 +192,11 @@ class Processor:
             self.tokenizer.save(os.path.join(path, "tokenizer.json"))
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(self.image_processor.to_dict(), f, indent=2)
+        if self.system_prompt != SYSTEM_PROMPT:
+            pc = os.path.join(path, "processor_config.json")
+            cfg = json.load(open(pc)) if os.path.exists(pc) else {}
+            with open(pc, "w") as f:
+                json.dump({**cfg, "system_prompt": self.system_prompt}, f, indent=2)
 
     # ------------------------------------------------------------------------------------------------ images
     def preprocess_images(self, images):
@@ -208,10 +222,11 @@ class Processor:
             raise KeyError(f"token {token!r} is not in the tokenizer")
         return i
 
-    def render(self, messages, template="llava", add_generation_prompt=False, system=SYSTEM_PROMPT):
+    def render(self, messages, template="llava", add_generation_prompt=False, system=None):
         """Chat messages -> list of (text, supervised) segments; the assistant contents and their <|eot_id|> are the
         supervised ones. "".join of the texts is the prompt string."""
         msgs = normalize_messages(messages)
+        system = self.system_prompt if system is None else system
         segs = [("<|begin_of_text|>", False)]
         if template == "llava":
             if system and not any(r == "system" for r, _ in msgs):
@@ -237,7 +252,7 @@ class Processor:
             segs.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
         return segs
 
-    def apply_chat_template(self, messages, template="llava", add_generation_prompt=False, system=SYSTEM_PROMPT):
+    def apply_chat_template(self, messages, template="llava", add_generation_prompt=False, system=None):
         return "".join(t for t, _ in self.render(messages, template, add_generation_prompt, system))
 
     def encode(self, text, image_sizes=(), supervised_spans=()):
@@ -261,8 +276,7 @@ class Processor:
             labels.append(tid if any(a <= start < b for a, b in supervised_spans) else -100)
         return ids, labels
 
-    def tokenize(self, messages, image_sizes=(), template="llava", add_generation_prompt=False,
-                 system=SYSTEM_PROMPT):
+    def tokenize(self, messages, image_sizes=(), template="llava", add_generation_prompt=False, system=None):
         """Conversation -> (input_ids, labels) lists: the training sample, or the prompt with a generation prompt."""
         segs = self.render(messages, template, add_generation_prompt, system)
         spans, pos = [], 0

@@ -49,7 +49,7 @@ def gold_value(rec):
     if rec["choices"]:
         a = rec["choices"]["ABCDEFGHIJ".index(a)]
     if rec["meta"]["family"] == "caption":
-        return [(part.rsplit(" ", 1)[0], round(float(part.rsplit(" ", 1)[1]), 2)) for part in a.split(", ")]
+        return [(part.rsplit(" ", 1)[0].removesuffix(" is"), round(float(part.rsplit(" ", 1)[1]), 2)) for part in a.split(", ")]
     try:
         return round(float(a), 2)
     except ValueError:
