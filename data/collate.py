@@ -37,7 +37,7 @@ def load_rows(files, ratios=None, seed=0):
     rows = []
     for path, r in zip(files, ratios):
         part = [(validate_sft(obj, f"{path}:{n}"), f"{path}:{n}") for n, obj in read_jsonl(path)]
-        rng = random.Random(f"{seed}/{path}")
+        rng = random.Random(f"{seed}/{os.path.basename(path)}")     # the same share wherever the file lives
         whole, frac = int(r), r - int(r)
         rows += part * whole + rng.sample(part, round(frac * len(part)))
     return rows

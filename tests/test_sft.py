@@ -221,3 +221,19 @@ def test_bad_data_is_counted_or_named(tiny, tmp_path, capsys):
     with pytest.raises(Exception, match=r"bad\.jsonl:\d+: "):
         train_sft.main(argv + ["--max-steps", "3", "--batch-size", "2", "--strict", "--no-group-by-length",
                                "--out", str(tmp_path / "strict")])
+
+
+def test_ratio_share_depends_on_the_seed_and_file_name_not_its_directory(tmp_path):
+    from data.collate import load_rows
+    rows = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+            for i in range(40)]
+    for d in ("a", "b/c"):
+        os.makedirs(tmp_path / d)
+        with open(tmp_path / d / "rows.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    pick = lambda d, seed: [r["id"] for r, _ in load_rows([str(tmp_path / d / "rows.jsonl")], [0.5], seed)]  # noqa
+    assert len(pick("a", 0)) == 20 and len(set(pick("a", 0))) == 20
+    assert pick("a", 0) == pick("b/c", 0)                 # a moved or differently named directory: the same rows
+    assert pick("a", 0) != pick("a", 1)
+    twice = [r["id"] for r, _ in load_rows([str(tmp_path / "a" / "rows.jsonl")], [2.0])]
+    assert sorted(twice) == sorted([r["id"] for r in rows] * 2)
