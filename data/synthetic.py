@@ -160,8 +160,8 @@ def draw_pie(d, chart, W, H, font, colors):
 def draw_tiny(chart, rng):
     """64x64: bar i fills columns 16i+3 .. 16i+12 (inside CLIP's 16 px patch column i), 5 px per unit, in the colour
     of its value (one of 10): a value a 2-layer vision tower reads in minutes (reference/demo_feasibility.md found
-    heights alone hard; here the base model reads all four values of a chart exactly 96% of the time, against 63%
-    from heights alone)."""
+    heights alone hard; with colour the demo's base model reads all four values of a test chart exactly 100% of the
+    time, against 63% from heights alone in an earlier build)."""
     img = Image.new("RGB", (64, 64), (255, 255, 255))
     d = ImageDraw.Draw(img)
     for y in range(54, 8, -5):
