@@ -100,6 +100,15 @@ def checkpoints(out):
     return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
 
 
+def _discard(path):
+    """Delete a checkpoint directory so that a kill midway never leaves a half-deleted checkpoint-N: one rename takes
+    it out of the checkpoint-* namespace first, then the files go (leftovers are swept by the next save)."""
+    trash = os.path.join(os.path.dirname(path), ".trash-" + os.path.basename(path))
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
 def write_checkpoint(out, step, write_files, d, keep=3):
     """Write a checkpoint atomically: every rank's write_files(tmp_dir) fills a temporary directory, then rank 0
     renames it to checkpoint-{step} (one rename: a kill leaves either the old set or the new one, never half of
@@ -107,7 +116,10 @@ def write_checkpoint(out, step, write_files, d, keep=3):
     tmp = os.path.join(out, f".tmp-checkpoint-{step:06d}")
     final = os.path.join(out, f"checkpoint-{step:06d}")
     if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(out):                          # what a kill left behind: half-written, half-deleted
+            if name.startswith((".tmp-checkpoint-", ".trash-checkpoint-")):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         os.makedirs(tmp)
     d.barrier()
     write_files(tmp)
@@ -117,13 +129,13 @@ def write_checkpoint(out, step, write_files, d, keep=3):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
         if os.path.exists(final):
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
         with open(os.path.join(out, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final) + "\n")
         os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
         for old in checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+            _discard(old)
     d.barrier()
     return final
 

@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -146,26 +145,28 @@ def test_auth_errors_stop_the_run_without_a_retry_storm(tmp_path, capsys, status
 def test_requests_overlap_under_concurrency(tmp_path):
     write_records(tmp_path, 16)
     with FakeOpenAI(right, latency=0.3) as server:
-        t = time.time()
         assert run(tmp_path, server, "--concurrency", "8") == 0
-        elapsed = time.time() - t
-    assert server.max_in_flight >= 6 and elapsed < 16 * 0.3 / 2
+    assert server.max_in_flight >= 6
 
 
 def test_kill_9_mid_run_then_resume_writes_every_id_once(tmp_path):
     write_records(tmp_path, 30)
-    with FakeOpenAI(right, latency=0.15) as server:
+    proc = None
+
+    def kill_at_the_12th_request(req, attempt):     # the server pulls the trigger: no polling, no timing
+        if len(server.requests) == 12:
+            proc.send_signal(signal.SIGKILL)
+        return right(req, attempt)
+
+    with FakeOpenAI(kill_at_the_12th_request, latency=0.15) as server:
         argv = [sys.executable, "distill.py", "--data", str(tmp_path / "records.jsonl"), "--image-root",
                 str(tmp_path), "--out", str(tmp_path / "out/sft.jsonl"), "--teacher", "openai", "--base-url",
                 server.url, "--concurrency", "3", "--with-direct"]
         env = dict(os.environ, OPENAI_API_KEY=KEY)
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while len(rows(tmp_path / "out/sft.jsonl")) < 8 and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL
         first = len(server.requests)
+        assert rows(tmp_path / "out/sft.jsonl"), "nothing was written before the kill: nothing to resume"
         assert 4 <= first < 30
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr

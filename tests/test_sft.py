@@ -3,11 +3,11 @@ checkpoints, packing, freezing and per-module learning rates, mixed text-only / 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -92,13 +92,14 @@ def test_killed_run_resumes_exactly(tiny, tmp_path):
     common = ["--max-steps", "40", "--batch-size", "4", "--lr", "3e-3", "--save-every", "2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train_sft.main(args_for(tiny, straight, *common))
-    proc = subprocess.Popen([sys.executable, "train_sft.py", *args_for(tiny, killed, *common)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not checkpoints(str(killed)) and time.time() < deadline:
-        time.sleep(0.01)
+    proc = subprocess.Popen([sys.executable, "-u", "train_sft.py", *args_for(tiny, killed, *common)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:                        # killed the moment the first checkpoint is reported
+        if line.startswith("saved "):
+            break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     resumed_at = int(checkpoints(str(killed))[-1].rsplit("-", 1)[1])
     assert resumed_at < 40, "the run finished before the kill: nothing was resumed"
     assert train_sft.main(args_for(tiny, killed, *common, "--resume")) == 0
@@ -106,7 +107,7 @@ def test_killed_run_resumes_exactly(tiny, tmp_path):
     assert max_diff(weights(straight), weights(killed)) == 0
 
 
-def test_a_kill_while_saving_leaves_the_previous_checkpoint(tiny, tmp_path):
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     class Boom(Exception):
         pass
 
@@ -125,16 +126,43 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tiny, tmp_path):
     assert checkpoints(str(out)) == before
     LlavaNext.from_pretrained(before[-1])            # still loadable
     assert open(out / "latest").read().strip() == os.path.basename(before[-1])
-    # a real SIGKILL during training with a save every step: whatever survives loads
-    proc = subprocess.Popen([sys.executable, "train_sft.py", *args_for(tiny, tmp_path / "k", "--max-steps", "500",
-                                                                        "--batch-size", "4", "--save-every", "1")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while len(checkpoints(str(tmp_path / "k"))) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.13)
+    # a kill halfway through deleting the oldest checkpoint: no half-deleted checkpoint-N is left for a resume
+    real_rmtree = shutil.rmtree
+
+    def die_after_one_file(path, *a, **k):
+        if os.path.basename(path).startswith(".trash-") and os.path.exists(path):
+            os.remove(os.path.join(path, "config.json"))
+            raise Boom()
+        return real_rmtree(path, *a, **k)
+
+    src = shutil.copytree(before[-1], tmp_path / "src")
+    copy = lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True)   # noqa: E731
+    for step in (3, 4):
+        write_checkpoint(str(out), step, copy, Dist())
+    with monkeypatch.context() as m, pytest.raises(Boom):
+        m.setattr(shutil, "rmtree", die_after_one_file)
+        write_checkpoint(str(out), 5, copy, Dist())
+    assert [os.path.basename(c) for c in checkpoints(str(out))] == [f"checkpoint-00000{i}" for i in (3, 4, 5)]
+    for c in checkpoints(str(out)):
+        LlavaNext.from_pretrained(c)
+    write_checkpoint(str(out), 6, copy, Dist())
+    assert [os.path.basename(c) for c in checkpoints(str(out))] == [f"checkpoint-00000{i}" for i in (4, 5, 6)]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]      # the next save swept the leftovers
+    # a real SIGKILL during training with a save every step, sent the moment the 4th save is reported (so it lands
+    # in the next step or save, pruning included): whatever survives loads
+    proc = subprocess.Popen([sys.executable, "-u", "train_sft.py",
+                             *args_for(tiny, tmp_path / "k", "--max-steps", "500", "--batch-size", "4",
+                                       "--save-every", "1")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    saves = 0
+    for line in proc.stdout:
+        saves += line.startswith("saved ")
+        if saves == 4:
+            break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
+    assert saves == 4 and len(checkpoints(str(tmp_path / "k"))) >= 3
     for c in checkpoints(str(tmp_path / "k")):
         LlavaNext.from_pretrained(c)
         torch.load(os.path.join(c, "trainer_state.pt"), weights_only=True)
