@@ -21,6 +21,7 @@ in OUT/: results.md, accuracy.png, curves_seed<S>.png, token_rewards.html.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from demo.plots import bar_plot, line_plot  # noqa: E402
 
 TARGET, HELD_OUT = "count_above", "count_below"
 FAMILIES = [TARGET] * 7 + ["caption", "lookup", "max_label"]
-FULL = dict(train=12000, test=300, pool=1000, sft_steps=1500, batch=16, sft_lr=1e-3, samples=12, dpo_lr=5e-6,
+FULL = dict(train=12000, test=1000, pool=1000, sft_steps=1500, batch=16, sft_lr=1e-3, samples=12, dpo_lr=5e-6,
             dpo_batch=16, new_tokens=64)
 QUICK = dict(train=48, test=16, pool=8, sft_steps=4, batch=8, sft_lr=1e-3, samples=4, dpo_lr=5e-6, dpo_batch=2,
              new_tokens=24)
@@ -131,18 +132,32 @@ def run_seed(seed, work, base, sizes):
 
 
 def collect(work):
-    """{model: {(family group, mode): accuracy}} from the predictions, plus the sampling statistics."""
+    """{model: {(family group, mode): accuracy, "scores": {(group, mode): {question id: score}}, "chain_ok_wrong":
+    (wrong target CoT answers whose every step is right, wrong target CoT answers)}}, plus the sampling statistics."""
+    from data.synthetic import steps_correct
+    records = {}
+    for split in ("test", "test_holdout"):
+        path = f"{work}/data/{split}.jsonl"
+        if os.path.exists(path):
+            records.update((r["id"], r) for r in map(json.loads, open(path)))
     out = {}
     for label, name in MODELS:
         path = f"{work}/eval/{name}/predictions.jsonl"
         if not os.path.exists(path):
             continue
-        acc = {}
+        scores, wrong, chain_ok = {}, 0, 0
         for r in (json.loads(line) for line in open(path)):
             group = {TARGET: "target", HELD_OUT: "held-out"}.get(r.get("family"), "other")
-            acc.setdefault((group, r["mode"]), []).append(r["score"])
-        out[label] = {k: sum(v) / len(v) for k, v in acc.items()}
-        out[label]["n"] = {k: len(v) for k, v in acc.items()}
+            scores.setdefault((group, r["mode"]), {})[r["id"]] = r["score"]
+            if group == "target" and r["mode"] == "cot" and not r["score"] and r["id"] in records:
+                wrong += 1
+                rec = records[r["id"]]
+                full = len(re.findall(r"\d > \d+ (?:yes|no)", r["output"])) == len(rec["meta"]["chart"]["values"])
+                chain_ok += full and steps_correct(rec, r["output"])     # one right comparison per bar
+        out[label] = {k: sum(v.values()) / len(v) for k, v in scores.items()}
+        out[label]["n"] = {k: len(v) for k, v in scores.items()}
+        out[label]["scores"] = scores
+        out[label]["chain_ok_wrong"] = (chain_ok, wrong)
     q = f"{work}/dpo_data/pairs.questions.jsonl"
     stats = {}
     if os.path.exists(q):
@@ -173,6 +188,11 @@ def report(results, out_dir):
             lines.append(f"\nsampling: {stats['questions']} questions, {stats['kept']} in the accuracy window, "
                          f"{stats['pairs']} pairs; outcome-correct samples whose steps are wrong: "
                          f"{stats['correct_wrong_steps']} of {stats['correct']} ({100 * share:.0f}%)")
+        chains = [f"{label} {ok} of {wrong}" for label, acc in res.items() if label != "base"
+                  for ok, wrong in [acc["chain_ok_wrong"]] if wrong]
+        if chains:
+            lines.append(f"\nwrong CoT answers on the target family whose every reading and comparison is right (the "
+                         f"slip is in the running count or in the answer copied from it): {', '.join(chains)}")
         lines += findings(res)
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -187,32 +207,34 @@ def report(results, out_dir):
 
 
 def findings(res):
-    """The paper's findings, checked on the target (multi-step) family. A difference counts only beyond two standard
-    errors (binomial, the two evaluations independent); closer than that it is reported as noise."""
+    """The paper's findings, checked on the target (multi-step) family. Both sides answer the same questions, so the
+    test is paired: the standard error is that of the mean per-question difference in score, which cancels the
+    questions both get right or both get wrong. A difference counts only beyond two standard errors; closer than
+    that it is reported as noise."""
     def a(model, mode):
         return res.get(model, {}).get(("target", mode))
 
-    def n(model, mode):
-        return res[model]["n"][("target", mode)]
-
     def check(text, hi, lo):                             # hi, lo: (model, mode) expected higher / lower
-        p, q = a(*hi), a(*lo)
-        se = (p * (1 - p) / n(*hi) + q * (1 - q) / n(*lo)) ** 0.5
-        verdict = "yes" if p - q > 2 * se else "NO " if q - p > 2 * se else "noise"
-        return f"- {verdict} {text}: {100 * p:.1f} vs {100 * q:.1f} (difference {100 * (p - q):+.1f}, 2 s.e. " \
-               f"{200 * se:.1f})"
+        x, y = res[hi[0]]["scores"][("target", hi[1])], res[lo[0]]["scores"][("target", lo[1])]
+        d = [x[i] - y[i] for i in x.keys() & y.keys()]
+        mean = sum(d) / len(d)
+        se = (sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+        verdict = "yes" if mean > 2 * se else "NO " if -mean > 2 * se else "noise"
+        return f"- {verdict} {text}: {100 * a(*hi):.1f} vs {100 * a(*lo):.1f} (difference {100 * mean:+.1f}, " \
+               f"2 s.e. {200 * se:.1f}, paired over {len(d)} questions)"
     lines = ["", "findings on the target family (yes / NO: beyond two standard errors; noise: within them):"]
     if a("direct-only SFT", "cot") is not None:
         lines.append(check("direct-only training leaves CoT behind: the direct-only model's direct over its CoT",
                            ("direct-only SFT", "direct"), ("direct-only SFT", "cot")))
     if a("CoT SFT", "cot") is not None:
         lines.append(check("CoT SFT: its CoT over its direct", ("CoT SFT", "cot"), ("CoT SFT", "direct")))
+    if a("CoT SFT", "cot") is not None and a("direct-only SFT", "cot") is not None:
         best = max(["direct", "cot"], key=lambda m: a("direct-only SFT", m))
         lines.append(check(f"CoT SFT's CoT over the direct-only model's best mode ({best})", ("CoT SFT", "cot"),
                            ("direct-only SFT", best)))
-    if a("DPO", "cot") is not None:
+    if a("DPO", "cot") is not None and a("CoT SFT", "cot") is not None:
         lines.append(check("DPO's CoT over CoT SFT's", ("DPO", "cot"), ("CoT SFT", "cot")))
-    if a("RFT (control)", "cot") is not None:
+    if a("DPO", "cot") is not None and a("RFT (control)", "cot") is not None:
         lines.append(check("DPO's CoT over the RFT control's", ("DPO", "cot"), ("RFT (control)", "cot")))
     return lines
 

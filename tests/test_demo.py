@@ -40,3 +40,20 @@ def test_base_number_rows_state_the_true_order():
         assert (yes == "yes") == (int(a) > int(b) if op == ">" else int(a) < int(b))
         ops.add(op)
     assert ops == {"<", ">"}
+
+
+def test_findings_pair_the_questions():
+    from demo.run import findings
+    # the same 100 questions: the lower side gets 5 of the higher side's 90 right answers wrong, and nothing else
+    # differs. Unpaired binomial errors (2 s.e. 9.3 points) would call +5 noise; the paired test sees 5 flips, all
+    # one way: 2 s.e. = 2 * sqrt(var(d) / n) = 4.4 points.
+    hi = {f"q{i}": float(i < 90) for i in range(100)}
+    lo = {f"q{i}": float(i < 85) for i in range(100)}
+    res = {"CoT SFT": {("target", "cot"): 0.90, ("target", "direct"): 0.85,
+                       "scores": {("target", "cot"): hi, ("target", "direct"): lo}}}
+    line = next(f for f in findings(res) if "its CoT over its direct" in f)
+    assert line.startswith("- yes") and "+5.0" in line and "2 s.e. 4.4" in line, line
+    res["CoT SFT"]["scores"][("target", "direct")] = {f"q{i}": float(i < 85 or i >= 95) for i in range(100)}
+    res["CoT SFT"][("target", "direct")] = 0.90     # 5 flips each way: the same accuracy, a zero difference
+    line = next(f for f in findings(res) if "its CoT over its direct" in f)
+    assert line.startswith("- noise") and "+0.0" in line, line
