@@ -217,6 +217,8 @@ def findings(res):
     def check(text, hi, lo):                             # hi, lo: (model, mode) expected higher / lower
         x, y = res[hi[0]]["scores"][("target", hi[1])], res[lo[0]]["scores"][("target", lo[1])]
         d = [x[i] - y[i] for i in x.keys() & y.keys()]
+        if not d:
+            return f"- noise {text}: no question answered by both"
         mean = sum(d) / len(d)
         se = (sum((v - mean) ** 2 for v in d) / max(1, len(d) - 1) / len(d)) ** 0.5
         verdict = "yes" if mean > 2 * se else "NO " if -mean > 2 * se else "noise"
