@@ -101,21 +101,30 @@ def main(argv=None):
     repair_tail(paths["questions"])
     done = {str(q["id"]) for _, q in read_jsonl(paths["questions"])} if os.path.exists(paths["questions"]) else set()
     writers = {k: Appender(p) for k, p in paths.items()}
-    mine = [r for i, r in enumerate(records) if i % d.world == d.rank and r["id"] not in done]
-    print0(f"{len(records)} questions, {d.world} process(es); this rank: {len(mine)} to sample "
+    # batches are fixed slices of this rank's questions, done or not, and a batch's seed is its first question's:
+    # a resumed run regenerates a half-done batch whole (writing only its new questions), so it samples exactly
+    # what an uninterrupted run would have
+    mine = [r for i, r in enumerate(records) if i % d.world == d.rank]
+    todo = sum(str(r["id"]) not in done for r in mine)
+    print0(f"{len(records)} questions, {d.world} process(es); this rank: {todo} to sample "
            f"({args.n} CoT samples each at T={args.temperature})")
     stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
-    bar = tqdm(total=len(mine), desc="sample", unit="q", disable=not d.main, dynamic_ncols=True)
+    bar = tqdm(total=todo, desc="sample", unit="q", disable=not d.main, dynamic_ncols=True)
     for b in range(0, len(mine), args.batch_size):
+        batch = mine[b:b + args.batch_size]
+        if all(str(r["id"]) in done for r in batch):
+            continue
         chunk, prompts, images = [], [], []
-        for rec in mine[b:b + args.batch_size]:
+        for rec in batch:
             img = None
             if rec.get("image"):
                 try:
                     img = proc.load_image(os.path.join(args.image_root, rec["image"]))
                 except (OSError, ValueError) as e:
-                    writers["questions"].write({"id": rec["id"], "status": f"image: {e}"})
-                    stats["bad image"] += 1
+                    if str(rec["id"]) not in done:
+                        writers["questions"].write({"id": rec["id"], "status": f"image: {e}"})
+                        stats["bad image"] += 1
+                        bar.update(1)
                     continue
             _, sizes = proc.preprocess_images([img] if img else [])
             prompts.append(proc.tokenize([{"from": "human", "value": model_prompt(rec, "cot")}], sizes,
@@ -130,8 +139,9 @@ def main(argv=None):
                              mask.to(d.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, n=args.n, seed=question_seed(args.seed, chunk[0]["id"])).tolist()
         for k, rec in enumerate(chunk):
-            handle(rec, out[k * args.n:(k + 1) * args.n], proc, eos, special, args, writers, stats)
-        bar.update(len(chunk))
+            if str(rec["id"]) not in done:
+                handle(rec, out[k * args.n:(k + 1) * args.n], proc, eos, special, args, writers, stats)
+                bar.update(1)
     bar.close()
     for w in writers.values():
         w.close()

@@ -331,8 +331,10 @@ def teacher(record, rng, error_rate=0.0):
     return " ".join(steps) + f"\n\n{ANSWER_MARKER} {answer}"
 
 
-_READ = re.compile(r"(?:^|\. )(\w[\w ]*?) is (-?[\d.]+) ")
-_ARITH = re.compile(r"(-?[\d.]+) ([-+/]) (-?[\d.]+) = (-?[\d.]+|inf) \.")
+_NUM = r"-?\d+(?:\.\d+)?"                               # a sampled chain may hold "." or "1.2.3" where a number goes
+_READ = re.compile(rf"(?:^|\. )(\w[\w ]*?) is ({_NUM}) ")
+_ARITH = re.compile(rf"({_NUM}) ([-+/]) ({_NUM}) = ({_NUM}|inf) \.")
+_COMPARE = re.compile(rf"({_NUM}) ([<>]) ({_NUM}) (yes|no)")
 
 
 def steps_correct(record, text):
@@ -350,7 +352,7 @@ def steps_correct(record, text):
         want = a + b if op == "+" else a - b if op == "-" else (a / b if b else float("inf"))
         if c == "inf" or abs(round(want, 2) - float(c)) > 1e-6:
             return False
-    x_steps = re.findall(r"(-?[\d.]+) ([<>]) (-?[\d.]+) (yes|no)", body)
+    x_steps = _COMPARE.findall(body)
     return all((float(a) > float(b) if op == ">" else float(a) < float(b)) == (yn == "yes") for a, op, b, yn in x_steps)
 
 

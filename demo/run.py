@@ -33,7 +33,7 @@ from demo.plots import bar_plot, line_plot  # noqa: E402
 
 TARGET, HELD_OUT = "count_above", "count_below"
 FAMILIES = [TARGET] * 7 + ["caption", "lookup", "max_label"]
-FULL = dict(train=12000, test=1000, pool=1000, sft_steps=1500, batch=16, sft_lr=1e-3, samples=12, dpo_lr=5e-6,
+FULL = dict(train=12000, test=1000, pool=1000, sft_steps=2000, batch=16, sft_lr=1e-3, samples=12, dpo_lr=5e-6,
             dpo_batch=16, new_tokens=64)
 QUICK = dict(train=48, test=16, pool=8, sft_steps=4, batch=8, sft_lr=1e-3, samples=4, dpo_lr=5e-6, dpo_batch=2,
              new_tokens=24)

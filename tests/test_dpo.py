@@ -163,6 +163,32 @@ def test_sample_py_windows_pairs_and_resumes(setup, tmp_path, monkeypatch):
     assert len(open(out).readlines()) == 6
 
 
+def test_a_resumed_sampling_run_draws_what_an_uninterrupted_one_does(setup, tmp_path, monkeypatch):
+    """Killed after question 3 of 5, inside the batch [q3, q4]: the resumed run samples q4 and q5 exactly as the
+    straight run did (batches are fixed slices, each seeded by its first question)."""
+    recs = [json.loads(line) for line in open(os.path.join(setup["data"], "test.jsonl"))][:5]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    seen, handle = {}, sample.handle
+
+    def record(rec, outs, *rest):
+        seen[rec["id"]] = outs
+        return handle(rec, outs, *rest)
+    monkeypatch.setattr(sample, "handle", record)
+    out = tmp_path / "pairs.jsonl"
+    argv = ["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--n", "4", "--batch-size",
+            "2", "--max-new-tokens", "12", "--out", str(out)]
+    assert sample.main(argv) == 0
+    straight = dict(seen)
+    log = tmp_path / "pairs.questions.jsonl"
+    log.write_text("".join(open(log).readlines()[:3]))                  # the kill
+    seen.clear()
+    assert sample.main(argv) == 0
+    assert sorted(seen) == sorted(r["id"] for r in recs[3:])
+    assert all(seen[i] == straight[i] for i in seen)
+    assert len({str(v) for v in straight.values()}) == 5                  # the samples do differ by question
+
+
 def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(setup):
     proc = Processor.from_pretrained(setup["sft"])
     words = " ".join(f"w{i}" for i in range(120))

@@ -132,3 +132,18 @@ def test_tiny_level_is_aligned_with_16px_patches(dataset):
         bar = sum(c != (255, 255, 255) and c != (232, 232, 232) for c in column)
         assert bar == 5 * v                                   # the value is the bar height in 5 px steps
         assert px[16 * i, 30] in ((255, 255, 255), (232, 232, 232))    # patch borders stay background
+
+
+def test_step_check_reads_any_sampled_text_without_raising(dataset):
+    # samples drawn at T = 1 put anything where a number goes ("A is . ", "1.2.3 > 4 yes"); a crash here once
+    # stopped sample.py mid-run
+    _, recs = dataset
+    rec = next(r for r in recs["train"] if r["meta"]["chart"]["kind"] == "bar")
+    name = rec["meta"]["chart"]["names"][0]
+    assert steps_correct(rec, f"{name} is . B is 1.2.3 . 1.2.3 > . yes . 4 + . = 1..2 . -.- / 0 = inf .")
+    rng = random.Random(0)
+    pieces = [name, "is", ".", "..", "1.2.3", "-", "-.", "5", "0", ">", "<", "yes", "no", "=", "+", "/", "inf"]
+    for _ in range(2000):
+        steps_correct(rec, " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))))
+    value = rec["meta"]["chart"]["values"][0]
+    assert not steps_correct(rec, f"{name} is {round(value + 1, 2)} .")      # a real misreading still counts
