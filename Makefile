@@ -20,7 +20,7 @@ $(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-# the paper's pipeline in miniature from the shipped base model (about 12 minutes a seed on 2 CPU cores); SEEDS="0 1"
+# the paper's pipeline in miniature from the shipped base model (about 11 minutes a seed on 2 CPU cores); SEEDS="0 1"
 demo: $(VENV)/.runtime
 	$(PY) -m demo.run --seeds $(SEEDS)
 
