@@ -100,6 +100,7 @@ def main(argv=None):
                 os.remove(p)
     repair_tail(paths["questions"])
     done = {str(q["id"]) for _, q in read_jsonl(paths["questions"])} if os.path.exists(paths["questions"]) else set()
+    drop_orphans(paths, done)
     writers = {k: Appender(p) for k, p in paths.items()}
     # batches are fixed slices of this rank's questions, done or not, and a batch's seed is its first question's:
     # a resumed run regenerates a half-done batch whole (writing only its new questions), so it samples exactly
@@ -152,6 +153,23 @@ def main(argv=None):
         summarize(args.out, base, stats)
     d.close()
     return 0
+
+
+def drop_orphans(paths, done):
+    """A question's pairs and RFT rows are written before its log line: rows of a question whose log line a kill cut
+    off are dropped here, since the resumed run writes them again."""
+    for key, source in (("pairs", lambda r: r.get("source_id") or r["id"].rsplit("-p", 1)[0]),
+                        ("rft", lambda r: r["id"].rsplit("-rft", 1)[0])):
+        path = paths[key]
+        if not os.path.exists(path):
+            continue
+        repair_tail(path)
+        lines = open(path).readlines()
+        keep = [line for line in lines if line.strip() and str(source(json.loads(line))) in done]
+        if len(keep) < len(lines):
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
 
 
 def handle(rec, samples, proc, eos, special, args, writers, stats):

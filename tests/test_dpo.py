@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -175,18 +176,35 @@ def test_a_resumed_sampling_run_draws_what_an_uninterrupted_one_does(setup, tmp_
         seen[rec["id"]] = outs
         return handle(rec, outs, *rest)
     monkeypatch.setattr(sample, "handle", record)
+    # graded by a hash of the text, so that questions land in the window and write pairs (the tiny model is never right)
+    monkeypatch.setattr(sample, "grade", lambda rec, text: (text, float(zlib.crc32(text.encode()) % 2), True))
     out = tmp_path / "pairs.jsonl"
     argv = ["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--n", "4", "--batch-size",
-            "2", "--max-new-tokens", "12", "--out", str(out)]
+            "2", "--max-new-tokens", "48", "--out", str(out)]
     assert sample.main(argv) == 0
     straight = dict(seen)
+    files = {name: open(tmp_path / name).read() for name in ("pairs.jsonl", "pairs.rft.jsonl", "pairs.questions.jsonl")}
     log = tmp_path / "pairs.questions.jsonl"
-    log.write_text("".join(open(log).readlines()[:3]))                  # the kill
+    log.write_text("".join(files["pairs.questions.jsonl"].splitlines(True)[:3]))   # killed before q4's log line
     seen.clear()
     assert sample.main(argv) == 0
     assert sorted(seen) == sorted(r["id"] for r in recs[3:])
     assert all(seen[i] == straight[i] for i in seen)
     assert len({str(v) for v in straight.values()}) == 5                  # the samples do differ by question
+    late = [json.loads(line)["source_id"] for line in files["pairs.jsonl"].splitlines()]
+    assert set(late) & {r["id"] for r in recs[3:]}                       # pairs of q4/q5 outlived the log line
+    assert {name: open(tmp_path / name).read() for name in files} == files        # ... and were not written twice
+
+
+def test_rows_of_a_question_without_its_log_line_are_dropped_on_resume(tmp_path):
+    paths = {"pairs": str(tmp_path / "p.jsonl"), "rft": str(tmp_path / "p.rft.jsonl")}
+    pair = lambda q, k: {"id": f"{q}-p{k}", "source_id": q, "chosen": "c", "rejected": "r"}     # noqa: E731
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(pair(q, k)) + "\n" for q in ("a-1", "b-p2") for k in (0, 1)))
+    (tmp_path / "p.rft.jsonl").write_text(json.dumps({"id": "a-1-rft0"}) + "\n" + json.dumps({"id": "b-p2-rft0"})
+                                          + "\n" + '{"id": "b-p2-rf')                         # a half-written tail
+    sample.drop_orphans(paths, {"a-1"})
+    assert [json.loads(line)["source_id"] for line in open(paths["pairs"])] == ["a-1", "a-1"]
+    assert [json.loads(line)["id"] for line in open(paths["rft"])] == ["a-1-rft0"]
 
 
 def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(setup):
