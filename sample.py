@@ -102,9 +102,9 @@ def main(argv=None):
     done = {str(q["id"]) for _, q in read_jsonl(paths["questions"])} if os.path.exists(paths["questions"]) else set()
     drop_orphans(paths, done)
     writers = {k: Appender(p) for k, p in paths.items()}
-    # batches are fixed slices of this rank's questions, done or not, and a batch's seed is its first question's:
-    # a resumed run regenerates a half-done batch whole (writing only its new questions), so it samples exactly
-    # what an uninterrupted run would have
+    # every question samples from its own seeded stream, so its samples do not depend on the batch or the number of
+    # processes; batches are still fixed slices of this rank's questions, done or not, and a resumed run regenerates
+    # a half-done batch whole (writing only its new questions), so even bf16's batch-shape rounding stays the same
     mine = [r for i, r in enumerate(records) if i % d.world == d.rank]
     todo = sum(str(r["id"]) not in done for r in mine)
     print0(f"{len(records)} questions, {d.world} process(es); this rank: {todo} to sample "
@@ -138,7 +138,8 @@ def main(argv=None):
         pv, sizes = proc.preprocess_images(images)
         out = model.generate(ids.to(d.device), pv.to(d.device) if images else None, sizes if images else None,
                              mask.to(d.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, n=args.n, seed=question_seed(args.seed, chunk[0]["id"])).tolist()
+                             top_p=args.top_p, n=args.n,
+                             seed=[question_seed(args.seed, r["id"]) for r in chunk]).tolist()
         for k, rec in enumerate(chunk):
             if str(rec["id"]) not in done:
                 handle(rec, out[k * args.n:(k + 1) * args.n], proc, eos, special, args, writers, stats)

@@ -62,7 +62,8 @@ class KVCache:
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
-    """Next token per row from fp32 logits (R, V): argmax at temperature 0, else temperature / top-k / top-p."""
+    """Next token per row from fp32 logits (R, V): argmax at temperature 0, else temperature / top-k / top-p.
+    generator: one torch.Generator (or None) for all rows, or a list of them, one per equal block of rows."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -75,7 +76,12 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         # drop a token once the tokens before it already hold top_p of the mass (the first one always stays)
         drop = (probs.cumsum(-1) - probs) > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    probs = logits.softmax(-1)
+    if isinstance(generator, list):                  # a stream per prompt: its samples ignore the rest of the batch
+        per = probs.shape[0] // len(generator)
+        return torch.cat([torch.multinomial(probs[i * per:(i + 1) * per], 1, generator=g)[:, 0]
+                          for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def check_left_padded(attention_mask):
@@ -99,7 +105,9 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     fp32 (B*n, L_new), 0 on padding: the numbers DPO and reranking need.
 
     temperature 0 is greedy; otherwise temperature, then top_k (0 = off), then top_p (1 = off). seed makes sampling
-    reproducible. eos_token_id: an id or a list (default: the model's generation eos ids).
+    reproducible: an int seeds one stream for the batch; a list of B ints gives every prompt its own stream, so a
+    prompt's samples do not depend on which prompts share its batch (exactly so in fp32). eos_token_id: an id or a
+    list (default: the model's generation eos ids).
     """
     cfg = model.config.text
     B, S = input_ids.shape
@@ -116,7 +124,11 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         pad_token_id = int(eos[0]) if len(eos) else (cfg.pad_token_id or 0)
     pad = pad_token_id
     generator = None
-    if seed is not None:
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != B:
+            raise ValueError(f"seed: {len(seed)} seeds for {B} prompts (one per prompt, or one int for the batch)")
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+    elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     dtype = model.output_weight.dtype
 
@@ -150,6 +162,8 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         group_done = done.view(-1, n).all(-1)
         if bool(group_done.any()):
             alive = (~group_done).nonzero()[:, 0]
+            if isinstance(generator, list):
+                generator = [generator[i] for i in alive.tolist()]
             cache.keep(alive)
             keep_rows = (alive[:, None] * n + torch.arange(n, device=device)).flatten()
             rows, done, tok, next_pos = rows[keep_rows], done[keep_rows], tok[keep_rows], next_pos[keep_rows]

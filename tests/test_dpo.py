@@ -166,15 +166,15 @@ def test_sample_py_windows_pairs_and_resumes(setup, tmp_path, monkeypatch):
 
 def test_a_resumed_sampling_run_draws_what_an_uninterrupted_one_does(setup, tmp_path, monkeypatch):
     """Killed after question 3 of 5, inside the batch [q3, q4]: the resumed run samples q4 and q5 exactly as the
-    straight run did (batches are fixed slices, each seeded by its first question)."""
+    straight run did, and writes the same files; a run with another batch size samples the same too."""
     recs = [json.loads(line) for line in open(os.path.join(setup["data"], "test.jsonl"))][:5]
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     seen, handle = {}, sample.handle
 
-    def record(rec, outs, *rest):
-        seen[rec["id"]] = outs
-        return handle(rec, outs, *rest)
+    def record(rec, outs, proc, eos, *rest):            # each sample up to its stop token (the rest is padding)
+        seen[rec["id"]] = [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in outs]
+        return handle(rec, outs, proc, eos, *rest)
     monkeypatch.setattr(sample, "handle", record)
     # graded by a hash of the text, so that questions land in the window and write pairs (the tiny model is never right)
     monkeypatch.setattr(sample, "grade", lambda rec, text: (text, float(zlib.crc32(text.encode()) % 2), True))
@@ -194,6 +194,10 @@ def test_a_resumed_sampling_run_draws_what_an_uninterrupted_one_does(setup, tmp_
     late = [json.loads(line)["source_id"] for line in files["pairs.jsonl"].splitlines()]
     assert set(late) & {r["id"] for r in recs[3:]}                       # pairs of q4/q5 outlived the log line
     assert {name: open(tmp_path / name).read() for name in files} == files        # ... and were not written twice
+    seen.clear()                                           # another batch size draws the same samples per question
+    argv[argv.index("--batch-size") + 1], argv[argv.index("--out") + 1] = "3", str(tmp_path / "b3" / "pairs.jsonl")
+    assert sample.main(argv) == 0
+    assert seen == straight
 
 
 def test_rows_of_a_question_without_its_log_line_are_dropped_on_resume(tmp_path):

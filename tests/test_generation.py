@@ -102,6 +102,30 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(pair):
     assert torch.equal(tiny_p, greedy.repeat_interleave(2, 0))
 
 
+def test_a_seed_per_prompt_makes_its_samples_independent_of_the_batch(pair):
+    """seed=[s0, s1, s2]: prompt 2's samples in the batch equal its samples alone with seed=[s2] (fp32). Half the
+    vocabulary stops a row, so whole prompts finish and leave the batch at different steps, and the per-prompt
+    streams must follow the survivors."""
+    _, ours = pair
+    batch = batch_for(ours)
+    ids, mask = left_padded(batch)
+    V = ours.config.text.vocab_size
+    for eos in ([], list(range(1, V, 2))):
+        kw = dict(max_new_tokens=10, temperature=50.0, n=3, eos_token_id=eos, pad_token_id=0)
+        both = ours.generate(ids, batch["pixel_values"], batch["image_sizes"], mask, seed=[11, 12, 13], **kw)
+        for b, images in ((1, slice(0, 1)), (2, slice(1, 3))):
+            row = ids[b][mask[b].bool()][None]
+            alone = ours.generate(row, batch["pixel_values"][images], batch["image_sizes"][images],
+                                  seed=[11 + b], **kw)
+            got = both[3 * b:3 * b + 3]
+            assert torch.equal(got[:, :alone.shape[1]], alone) and (got[:, alone.shape[1]:] == 0).all(), (b, eos)
+        assert not torch.equal(both[3:6], both[6:9])
+        one = ours.generate(ids, batch["pixel_values"], batch["image_sizes"], mask, seed=11, **kw)
+        assert not torch.equal(one, both)                      # an int seed is one stream for the whole batch
+    with pytest.raises(ValueError, match="one per prompt"):
+        ours.generate(ids, batch["pixel_values"], batch["image_sizes"], mask, seed=[1, 2], **kw)
+
+
 def test_shared_prefix_logprobs_equal_a_full_forward(pair):
     """n samples from one prefill: each returned log-prob equals the model's log-softmax at that position when the
     finished sequence is run again in one ordinary forward pass. An early eos also exercises dropping prompts."""
