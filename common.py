@@ -61,12 +61,17 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def dtype_of(flag, device):
+    """A --dtype flag's torch dtype: "auto" is bf16 on CUDA and fp32 on the CPU."""
+    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+            "bfloat16": torch.bfloat16}[flag]
+
+
 def precision(args, d):
     """(compute dtype, saved-weights dtype, pack) from the --dtype / --save-dtype / --pack flags: bf16 and packed
     sequences on CUDA, fp32 and padded batches on the CPU, unless a flag says otherwise."""
-    cuda = d.device.type == "cuda"
-    dtypes = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
-    return dtypes[args.dtype], dtypes[args.save_dtype], args.pack == "on" or (args.pack == "auto" and cuda)
+    pack = args.pack == "on" or (args.pack == "auto" and d.device.type == "cuda")
+    return dtype_of(args.dtype, d.device), dtype_of(args.save_dtype, d.device), pack
 
 
 def seed_all(seed):

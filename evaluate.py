@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 import torch
 from tqdm import tqdm
 
+from common import dtype_of
 from data.answers import NUMERIC_FAMILIES, extract, score
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
 from data.prompts import FAMILIES, family, model_prompt
@@ -259,8 +260,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"error: unknown dataset(s) {unknown}; known: {sorted(FAMILIES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = dtype_of(args.dtype, device)
     model, proc = load(args.model, dtype, device)
 
     repair_tail(pred_path)                             # a run killed mid-write: drop its half line

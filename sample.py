@@ -22,10 +22,9 @@ import random
 import sys
 import zlib
 
-import torch
 from tqdm import tqdm
 
-from common import Dist, print0
+from common import Dist, dtype_of, print0
 from data.answers import grade
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
 from data.prompts import model_prompt
@@ -82,9 +81,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     records = records[:args.limit] if args.limit else records
     from model import LlavaNext, Processor
-    dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
-    model = LlavaNext.from_pretrained(args.model, dtype=dtype, device=d.device).eval()
+    model = LlavaNext.from_pretrained(args.model, dtype=dtype_of(args.dtype, d.device), device=d.device).eval()
     proc = Processor.from_pretrained(args.model)
     eos = set(model.eos_token_ids)
     special = {proc.image_token_id} | {i for i in (proc.tokenizer.token_to_id(t) for t in (
@@ -115,7 +112,7 @@ def main(argv=None):
         batch = mine[b:b + args.batch_size]
         if all(str(r["id"]) in done for r in batch):
             continue
-        chunk, prompts, images = [], [], []
+        chunk, images = [], []
         for rec in batch:
             img = None
             if rec.get("image"):
@@ -127,15 +124,18 @@ def main(argv=None):
                         stats["bad image"] += 1
                         bar.update(1)
                     continue
-            _, sizes = proc.preprocess_images([img] if img else [])
-            prompts.append(proc.tokenize([{"from": "human", "value": model_prompt(rec, "cot")}], sizes,
-                                         template=args.template, add_generation_prompt=True)[0])
-            chunk.append(rec)
+            chunk.append((rec, int(img is not None)))
             images += [img] if img else []
         if not chunk:
             continue
+        pv, sizes = proc.preprocess_images(images)            # every image once; each prompt takes its own size
+        prompts, k = [], 0
+        for rec, n_img in chunk:
+            prompts.append(proc.tokenize([{"from": "human", "value": model_prompt(rec, "cot")}], sizes[k:k + n_img],
+                                         template=args.template, add_generation_prompt=True)[0])
+            k += n_img
+        chunk = [rec for rec, _ in chunk]
         ids, mask = left_pad(prompts, pad_id=0)
-        pv, sizes = proc.preprocess_images(images)
         out = model.generate(ids.to(d.device), pv.to(d.device) if images else None, sizes if images else None,
                              mask.to(d.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, n=args.n,
