@@ -1,11 +1,11 @@
-"""What the training scripts share: torchrun set-up, the LR schedule, atomic checkpoints, logging. Each script owns
-its own loop (STYLE.md: share helpers, not a Trainer)."""
+"""What the scripts share: torchrun set-up, the LR schedule, autocast and clipping, logging. Each script owns its
+own loop (helpers are shared, not a Trainer class); models on devices and checkpoints live in checkpoint.py."""
 
+import datetime
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -19,7 +19,7 @@ import torch.distributed as dist
 class Dist:
     """rank / world / device of this process. Without torchrun's RANK variable the script runs as one process."""
 
-    def __init__(self):
+    def __init__(self, timeout_minutes=60):
         self.distributed = "RANK" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -31,7 +31,9 @@ class Dist:
             self.device = torch.device("cpu")
         if self.distributed:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, device_id=self.device if self.device.type == "cuda" else None)
+            # a generous timeout: a collective waits this long for a slow rank (a long save, a cold file system)
+            dist.init_process_group(backend, device_id=self.device if self.device.type == "cuda" else None,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
         self.main = self.rank == 0
 
     def all_sum(self, x):
@@ -95,113 +97,7 @@ def set_lr(optimizer, factor):
         g["lr"] = g["base_lr"] * factor
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-def checkpoints(out):
-    """Complete checkpoint directories under out, oldest first."""
-    if not os.path.isdir(out):
-        return []
-    names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
-    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
-
-
-def _discard(path):
-    """Delete a checkpoint directory so that a kill midway never leaves a half-deleted checkpoint-N: one rename takes
-    it out of the checkpoint-* namespace first, then the files go (leftovers are swept by the next save)."""
-    trash = os.path.join(os.path.dirname(path), ".trash-" + os.path.basename(path))
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(path, trash)
-    shutil.rmtree(trash)
-
-
-def write_checkpoint(out, step, write_files, d, keep=3):
-    """Write a checkpoint atomically: every rank's write_files(tmp_dir) fills a temporary directory, then rank 0
-    renames it to checkpoint-{step} (one rename: a kill leaves either the old set or the new one, never half of
-    one), drops all but the newest `keep`, and points `latest` at it."""
-    tmp = os.path.join(out, f".tmp-checkpoint-{step:06d}")
-    final = os.path.join(out, f"checkpoint-{step:06d}")
-    if d.main:
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(out):                          # what a kill left behind: half-written, half-deleted
-            if name.startswith((".tmp-checkpoint-", ".trash-checkpoint-")):
-                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-        os.makedirs(tmp)
-    d.barrier()
-    write_files(tmp)
-    d.barrier()
-    if d.main:
-        for name in os.listdir(tmp):                      # the bytes are on disk before the rename makes them live
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.exists(final):
-            _discard(final)
-        os.rename(tmp, final)
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final) + "\n")
-        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        for old in checkpoints(out)[:-keep] if keep > 0 else []:
-            _discard(old)
-    d.barrier()
-    return final
-
-
-def load_trainer_state(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ------------------------------------------------------------------------------------------------ models
-
-def load_model(path, d, state):
-    """fp32 master weights on this rank's device; from a checkpoint, its exact fp32 weights when it has them."""
-    from model import LlavaNext
-    model = LlavaNext.from_pretrained(path, dtype=torch.float32, device=d.device)
-    master = os.path.join(path, "master_weights.safetensors")
-    if state is not None and os.path.exists(master):
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(master, device=str(d.device)), strict=True)
-    return model
-
-
-def wrap(model, args, d, compute, frozen=False):
-    """DDP, or FSDP2 (each decoder and CLIP block, then the root; bf16 params, fp32 gradient reduction). A frozen
-    model (the DPO reference) is never DDP-wrapped, and under FSDP2 is sharded like the policy."""
-    if not d.distributed or (frozen and not args.fsdp):
-        return model
-    if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=compute if compute != torch.float32 else None,
-                                  reduce_dtype=torch.float32)
-        for block in list(model.vision_tower.encoder.layers) + list(model.language_model.layers):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
-
-def grad_sync(wrapped, args, d, sync):
-    """Skip the gradient all-reduce on all but the last micro-batch (it must cover the forward too)."""
-    if not d.distributed:
-        return nullcontext()
-    if args.fsdp:
-        wrapped.set_requires_gradient_sync(sync)
-        return nullcontext()
-    return nullcontext() if sync else wrapped.no_sync()
-
+# ------------------------------------------------------------------------------------------------ steps
 
 def autocast(d, compute):
     if compute == torch.float32:
@@ -210,6 +106,7 @@ def autocast(d, compute):
 
 
 def clip(model, max_norm):
+    """Clip the gradient norm (over all ranks' shards under FSDP); returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
@@ -217,31 +114,6 @@ def clip(model, max_norm):
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
-
-
-def save(args, d, model, wrapped, optimizer, processor, step, save_dtype):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(wrapped, options=opts)
-    optim = get_optimizer_state_dict(wrapped, optimizer, options=opts)
-
-    def write(tmp):
-        if not d.main:
-            return
-        model.save_pretrained(tmp, dtype=save_dtype, state_dict=full)
-        processor.save_pretrained(tmp)
-        if save_dtype != torch.float32:          # exact resume needs the fp32 master weights too
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, "master_weights.safetensors"))
-        torch.save({"step": step, "optimizer": optim, "rng": rng_state(), "world": d.world},
-                   os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "world": d.world, "args": vars(args)}, f, indent=1)
-
-    path = write_checkpoint(args.out, step, write, d, args.keep_checkpoints)
-    print0(f"saved {path}")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -299,6 +171,32 @@ class Metrics:
         fig.savefig(png, dpi=120)
         plt.close(fig)
         return png
+
+
+class Skips:
+    """Samples not trained on, counted by reason. The first of each reason is announced by the rank that met it
+    (the others are counted); total() sums the counts over all ranks for the end-of-run summary."""
+
+    def __init__(self, d):
+        self.d, self.counts = d, {}
+
+    def add(self, skipped):
+        for reason, where in skipped:
+            if reason not in self.counts:
+                rank = f"rank {self.d.rank}: " if self.d.distributed else ""
+                print(f"warning: {rank}skipping {where}: {reason} (further ones counted)", file=sys.stderr, flush=True)
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    def total(self):
+        if not self.d.distributed:
+            return dict(self.counts)
+        parts = [None] * self.d.world
+        dist.all_gather_object(parts, self.counts)
+        out = {}
+        for p in parts:
+            for k, v in p.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
 
 class Timer:

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Dist, Metrics, Timer, autocast, checkpoints, clip, grad_sync, load_model, load_trainer_state,
-                    lr_factor, precision, print0, save, seed_all, set_lr, set_rng_state, wrap)
-from data.collate import PairDataset, collate_pairs, global_batches, micro_batches, per_sequence
+from checkpoint import grad_sync, latest, link_final, load_for_training, load_state, save
+from common import Dist, Metrics, Skips, Timer, autocast, clip, lr_factor, precision, print0, seed_all, set_lr
+from data.collate import PairDataset, balance, collate_pairs, global_batches, per_sequence, split_batch
 from data.formats import FormatError, load, validate_pair
-from model import LlavaNext, Processor
+from model import Processor
 
 
 def parse_args(argv=None):
@@ -69,13 +69,16 @@ def parse_args(argv=None):
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2: shard each block, then the root (else DDP)")
+    ap.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective waits for a slow rank")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     # checkpoints, logs
-    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
+    ap.add_argument("--save-hf-every", type=int, default=0,
+                    help="also write the Hugging Face weights into every K-th step's checkpoint (0: the final only)")
     ap.add_argument("--keep-checkpoints", type=int, default=3)
     ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint OUT/latest names")
     ap.add_argument("--eval-every", type=int, default=0, help="dev metrics every K steps (and at the end)")
     ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--audit-pairs", type=int, default=0, help="write OUT/token_rewards.html for N pairs")
@@ -94,7 +97,7 @@ def dpo_loss(pc, pr, rc, rr, beta, label_smoothing=0.0):
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
-    d = Dist()
+    d = Dist(args.dist_timeout)
     seed_all(args.seed)
     cuda = d.device.type == "cuda"
     compute, save_dtype, pack = precision(args, d)
@@ -123,26 +126,22 @@ def main(argv=None):
     print0("config: " + json.dumps(vars(args)))
 
     # ---------------------------------------------------------------- models
-    start, state, source = 0, None, args.model
-    if args.resume and checkpoints(args.out):
-        source = checkpoints(args.out)[-1]
-        state = load_trainer_state(os.path.join(source, "trainer_state.pt"))
-        start = state["step"]
-        print0(f"resuming from {source} at step {start}")
-    model = load_model(source, d, state)
-    model.vision_tower.requires_grad_(args.train_vision)
-    model.multi_modal_projector.requires_grad_(args.train_projector)
-    model.image_newline.requires_grad_(args.train_projector)
-    model.freeze_unused()
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    policy = wrap(model, args, d, compute)
-    reference = LlavaNext.from_pretrained(args.model, dtype=torch.float32, device=d.device).eval()
-    reference.requires_grad_(False)
-    reference = wrap(reference, args, d, compute, frozen=True)
+    resume = latest(args.out) if args.resume else None
+
+    def configure(model):
+        model.vision_tower.requires_grad_(args.train_vision)
+        model.multi_modal_projector.requires_grad_(args.train_projector)
+        model.image_newline.requires_grad_(args.train_projector)
+        model.freeze_unused()
+        model.set_grad_checkpointing(args.grad_checkpointing)
+
+    model, policy = load_for_training(resume or args.model, args, d, compute, configure, weights=resume is None)
     collate = partial(collate_pairs, pack=pack, pad_id=0 if processor.image_token_id else 1)
-    ref_table = None
-    if args.precompute_ref:
+    ref_table = cached_reference_table(args, d) if args.precompute_ref else None
+    reference = None
+    if ref_table is None:              # the frozen SFT model, in the compute dtype, sharded like the policy
+        reference = load_for_training(args.model, args, d, compute, frozen=True)[0]
+    if args.precompute_ref and ref_table is None:
         ref_table = reference_table(reference, [dataset, dev_set], collate, args, d, compute)
         del reference
         reference = None
@@ -155,25 +154,28 @@ def main(argv=None):
                                   weight_decay=args.weight_decay, fused=cuda or None)
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(policy, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=d.distributed))
-        set_rng_state(state["rng"])
+    start = 0
+    if resume:
+        start = load_state(resume, policy, optimizer)["step"]
         for g in optimizer.param_groups:
             g["base_lr"] = args.lr
+        print0(f"resumed from {resume} at step {start}")
 
     # ---------------------------------------------------------------- data order
-    schedule = []
+    schedule, splits = [], []
     for step in range(start, total):
         batch = global_batches(lengths, global_size, args.seed, step // per_epoch)[step % per_epoch]
-        schedule += micro_batches(batch, micro, world, d.rank, accum)
+        split = split_batch(batch, lengths, micro, world, accum)
+        schedule += [s[d.rank] for s in split]
+        splits += split if len(splits) < 200 else []
+    if world > 1:
+        print0(f"ranks balanced by length: mean / max per micro-batch {balance(splits, lengths):.3f}")
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=schedule, num_workers=args.workers,
                                                collate_fn=collate, persistent_workers=args.workers > 0))
 
     # ---------------------------------------------------------------- loop
     metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
-    timer, t0, skipped = Timer(), time.time(), 0
+    timer, t0, skips = Timer(), time.time(), Skips(d)
     bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not d.main, dynamic_ncols=True)
     policy.train()
     for step in range(start, total):
@@ -182,8 +184,8 @@ def main(argv=None):
         chosen_tokens = d.all_sum(sum(m.get("chosen_supervised", 0) for m in micro_list)).item()
         sums = torch.zeros(7, dtype=torch.float64)         # loss, r_chosen, r_rejected, correct, margin, pc, pr
         for k, mb in enumerate(micro_list):
-            skipped += len(mb["skipped"])
-            with grad_sync(policy, args, d, k == accum - 1), autocast(d, compute):
+            skips.add(mb["skipped"])
+            with grad_sync(policy, k == accum - 1), autocast(d, compute):
                 pc, pr, lp_c = policy_logps(policy, mb, d)
                 rc, rr = ref_logps(reference, ref_table, mb, d, pc)
                 losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, args.beta, args.label_smoothing)
@@ -218,27 +220,26 @@ def main(argv=None):
     bar.close()
 
     # ---------------------------------------------------------------- save, dev, audit, summary
-    final = save(args, d, model, policy, optimizer, processor, total, save_dtype) if start < total else \
-        checkpoints(args.out)[-1]
+    final = save(args, d, model, policy, optimizer, processor, total, save_dtype, final=True) if start < total \
+        else resume
     dev_metrics = evaluate_pairs(policy, reference, ref_table, dev_set, collate, args, d, compute) if dev else {}
     if dev_metrics:
         metrics.log({"step": total, **dev_metrics})
     metrics.close()
+    skipped = skips.total()
     if args.audit_pairs:
         if reference is None:                        # the precomputed path dropped it: load it for the audit only
-            reference = wrap(LlavaNext.from_pretrained(args.model, dtype=torch.float32, device=d.device).eval(),
-                             args, d, compute, frozen=True)
+            reference = load_for_training(args.model, args, d, compute, frozen=True)[0]
         audit(policy, reference, dev_set if dev else dataset, collate, args, d, compute, processor)
     if d.main:
-        link = os.path.join(args.out, "final")
-        if os.path.islink(link) or os.path.exists(link):
-            os.remove(link)
-        os.symlink(os.path.basename(final), link)
+        link = link_final(args.out, final)
         png = metrics.plot(os.path.join(args.out, "rewards.png"), keys=("loss", "rewards/accuracy",
                                                                        "rewards/margin"), title="DPO")
         print(f"done: {total - start} steps in {time.time() - t0:.0f}s; model {link}"
               + (f"; dev {json.dumps({k: round(v, 4) for k, v in dev_metrics.items()})}" if dev_metrics else "")
-              + (f"; {skipped} pairs skipped" if skipped else "") + (f"; {png}" if png else ""))
+              + (f"; {png}" if png else ""))
+        if skipped:
+            print("pairs not trained on: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
     d.close()
     return 0
 
@@ -282,17 +283,27 @@ def ref_logps(reference, table, mb, d, like):
     return seq[:mb["n"]], seq[mb["n"]:]
 
 
+def reference_key(args):
+    return [os.path.abspath(args.model), args.truncate_words, args.template] + [
+        [os.path.abspath(f), os.path.getmtime(f)] for f in args.pairs + (args.dev_pairs or [])]
+
+
+def cached_reference_table(args, d):
+    """The reference log-probs an earlier run with the same model, pairs and settings computed, or None (when any
+    rank lacks them: all ranks must then compute together)."""
+    path = os.path.join(args.out, "reference_logps.pt")
+    cached = torch.load(path, weights_only=True) if os.path.exists(path) else {}
+    hit = cached.get("key") == json.loads(json.dumps(reference_key(args)))
+    if d.all_sum(not hit).item() > 0:
+        return None
+    print0(f"reference log-probs from {path}")
+    return cached["table"]
+
+
 def reference_table(reference, datasets, collate, args, d, compute):
     """{pair id: (ref log p(chosen), ref log p(rejected))} over every pair, computed once (each rank a share,
     gathered) and cached beside the checkpoints; a rerun with the same pairs and settings reuses it."""
     path = os.path.join(args.out, "reference_logps.pt")
-    key = [os.path.abspath(args.model), args.truncate_words, args.template] + [
-        [os.path.abspath(f), os.path.getmtime(f)] for f in args.pairs + (args.dev_pairs or [])]
-    if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == json.loads(json.dumps(key)):
-            print0(f"reference log-probs from {path}")
-            return cached["table"]
     mine = {}
     for ds in datasets:
         for mb in tqdm(shares(ds, collate, args, d), desc="reference log-probs", disable=not d.main,
@@ -307,7 +318,7 @@ def reference_table(reference, datasets, collate, args, d, compute):
         torch.distributed.all_gather_object(parts, mine)
         table = {k: v for p in parts for k, v in p.items()}
     if d.main:
-        torch.save({"key": key, "table": table}, path + ".tmp")
+        torch.save({"key": reference_key(args), "table": table}, path + ".tmp")
         os.replace(path + ".tmp", path)
     d.barrier()
     return table

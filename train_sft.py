@@ -13,8 +13,9 @@
     # find bad rows and images before paying for GPUs
     python train_sft.py --model ... --data ... --image-root ... --out ... --check-data
 
-Checkpoints (every --save-every steps and at the end) are Hugging Face directories that LlavaNext.from_pretrained and
-transformers load, plus trainer_state.pt for an exact --resume. OUT/final points at the last one.
+Checkpoints (every --save-every steps and at the end) hold the sharded training state (weights, optimizer, RNG:
+--resume continues bit for bit, on any number of processes) and, at the end and every --save-hf-every steps, the
+Hugging Face weights that LlavaNext.from_pretrained and transformers load. OUT/final points at the last one.
 """
 
 import argparse
@@ -27,12 +28,12 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from common import (Dist, Metrics, Timer, autocast, checkpoints, clip, grad_sync, load_model, load_trainer_state,
-                    lr_factor, peak_flops, precision, print0, save, seed_all, set_lr, set_rng_state, wrap)
-from data.collate import (SFTDataset, Skip, collate, estimate_length, global_batches, histogram, load_rows,
-                          micro_batches)
+from checkpoint import grad_sync, latest, link_final, load_for_training, load_state, save
+from common import Dist, Metrics, Skips, Timer, autocast, clip, lr_factor, peak_flops, precision, print0, seed_all, set_lr
+from data.collate import (SFTDataset, Skip, balance, collate, estimate_length, global_batches, histogram, load_rows,
+                          split_batch)
 from data.formats import FormatError
-from model import LlavaNext, Processor
+from model import Processor
 
 
 def parse_args(argv=None):
@@ -71,14 +72,17 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     # distributed, precision
     ap.add_argument("--fsdp", action="store_true", help="FSDP2: shard each block, then the root (else DDP)")
+    ap.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective waits for a slow rank")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
     # checkpoints, logs
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
+    ap.add_argument("--save-hf-every", type=int, default=0,
+                    help="also write the Hugging Face weights into every K-th step's checkpoint (0: the final only)")
     ap.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest N checkpoints")
     ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="dtype of the saved HF weights (auto: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint OUT/latest names")
     ap.add_argument("--log-every", type=int, default=1)
     return ap.parse_args(argv)
 
@@ -86,7 +90,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
-    d = Dist()
+    d = Dist(args.dist_timeout)
     seed_all(args.seed)
     cuda = d.device.type == "cuda"
     compute, save_dtype, pack = precision(args, d)
@@ -113,44 +117,41 @@ def main(argv=None):
     print0("config: " + json.dumps(vars(args)))
 
     # ---------------------------------------------------------------- model
-    start, state = 0, None
-    source = args.model
-    if args.resume and checkpoints(args.out):
-        source = checkpoints(args.out)[-1]
-        state = load_trainer_state(os.path.join(source, "trainer_state.pt"))
-        start = state["step"]
-        print0(f"resuming from {source} at step {start}")
-    model = load_model(source, d, state)
-    if args.freeze_vision:
-        model.vision_tower.requires_grad_(False)
-    if args.freeze_projector:
-        model.multi_modal_projector.requires_grad_(False)
-        model.image_newline.requires_grad_(False)
-    model.freeze_unused()
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    wrapped = wrap(model, args, d, compute)
-    groups = param_groups(model, args)            # after wrapping: FSDP2 replaces the parameters with shards
+    resume = latest(args.out) if args.resume else None
+
+    def configure(model):
+        if args.freeze_vision:
+            model.vision_tower.requires_grad_(False)
+        if args.freeze_projector:
+            model.multi_modal_projector.requires_grad_(False)
+            model.image_newline.requires_grad_(False)
+        model.freeze_unused()
+        model.set_grad_checkpointing(args.grad_checkpointing)
+
+    model, wrapped = load_for_training(resume or args.model, args, d, compute, configure, weights=resume is None)
+    groups = param_groups(model, args)            # after sharding: FSDP2 replaces the parameters with shards
 
     # ---------------------------------------------------------------- optimizer
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=cuda or None)
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=StateDictOptions(
-            full_state_dict=d.distributed))
-        set_rng_state(state["rng"])
+    start = 0
+    if resume:
+        start = load_state(resume, wrapped, optimizer)["step"]
         for g in optimizer.param_groups:
             g["base_lr"] = next(x for x in groups if x["name"] == g["name"])["lr"]
+        print0(f"resumed from {resume} at step {start} (saved by {world} process(es) or another count: resharded)")
 
     # ---------------------------------------------------------------- data order for this rank
-    schedule = []
+    schedule, splits = [], []
     for step in range(start, total):
-        batch = global_batches(lengths, global_size, args.seed, step // per_epoch, not args.no_group_by_length)[
-            step % per_epoch] if per_epoch else []
-        schedule += micro_batches(batch, micro, world, d.rank, accum)
+        batch = global_batches(lengths, global_size, args.seed, step // per_epoch)[step % per_epoch]
+        split = split_batch(batch, lengths, micro, world, accum, not args.no_group_by_length)
+        schedule += [s[d.rank] for s in split]
+        splits += split if len(splits) < 200 else []
+    if world > 1:
+        print0(f"ranks balanced by tokens: mean / max per micro-batch {balance(splits, lengths):.3f}")
     pad_id = 0 if processor.image_token_id != 0 else 1
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=schedule, num_workers=args.workers,
                                          collate_fn=partial(collate, pack=pack, pad_id=pad_id),
@@ -159,7 +160,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- loop
     metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
-    skipped, warned, tokens_total, timer, t0 = {}, set(), 0, Timer(), time.time()
+    skips, truncated, tokens_total, timer, t0 = Skips(d), 0, 0, Timer(), time.time()
     flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     peak = peak_flops(d.device)
     bar = tqdm(total=total, initial=start, desc="sft", unit="step", disable=not d.main, dynamic_ncols=True)
@@ -170,14 +171,9 @@ def main(argv=None):
         supervised = d.all_sum(sum(m.get("supervised", 0) for m in micro_list)).item()
         nll = 0.0
         for k, mb in enumerate(micro_list):
-            for reason, where in mb["skipped"]:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                if reason not in warned and d.main:
-                    warned.add(reason)
-                    print(f"warning: skipping {where}: {reason} (further ones counted)", file=sys.stderr)
-            skipped["truncated (kept)"] = skipped.get("truncated (kept)", 0) + mb["truncated"]
-            sync = k == accum - 1
-            with grad_sync(wrapped, args, d, sync), autocast(d, compute):
+            skips.add(mb["skipped"])
+            truncated += mb["truncated"]
+            with grad_sync(wrapped, k == accum - 1), autocast(d, compute):
                 lp = forward(wrapped, mb, d)
                 # normalised by the supervised tokens of the whole global batch; x world undoes the gradient averaging
                 (-lp.sum() / max(supervised, 1.0) * world).backward()
@@ -210,14 +206,13 @@ def main(argv=None):
     bar.close()
 
     # ---------------------------------------------------------------- save, summary
-    final = save(args, d, model, wrapped, optimizer, processor, total, save_dtype) if start < total else \
-        checkpoints(args.out)[-1]
+    final = save(args, d, model, wrapped, optimizer, processor, total, save_dtype, final=True) if start < total \
+        else resume
     metrics.close()
+    skipped = skips.total()
+    skipped["truncated to --max-len (kept)"] = int(d.all_sum(truncated).item())
     if d.main:
-        link = os.path.join(args.out, "final")
-        if os.path.islink(link) or os.path.exists(link):
-            os.remove(link)
-        os.symlink(os.path.basename(final), link)
+        link = link_final(args.out, final)
         png = metrics.plot(os.path.join(args.out, "loss.png"), title="SFT loss")
         elapsed = time.time() - t0
         print(f"done: {total - start} steps in {elapsed:.0f}s, final loss {loss:.4f}, {tokens_total:,} tokens on "
@@ -257,19 +252,26 @@ def param_groups(model, args):
 
 
 def cached_lengths(rows, processor, args, d):
-    """Length estimates for grouping, computed once by rank 0 and cached beside the checkpoints."""
+    """Length estimates for grouping and balancing (each needs an image header): every rank scans its share, the
+    shares are gathered, and the result is cached beside the checkpoints for reruns."""
     path = os.path.join(args.out, "lengths.json")
-    key = [[os.path.abspath(f), os.path.getmtime(f)] for f in args.data] + [args.ratios, args.seed, len(rows)]
+    key = [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in args.data] + [
+        args.ratios, args.seed, len(rows)]
+    cached = json.load(open(path)) if os.path.exists(path) else {}
+    if d.all_sum(cached.get("key") != json.loads(json.dumps(key))).item() == 0:      # every rank agrees: a hit
+        return cached["lengths"]
+    mine = {i: estimate_length(rows[i][0], processor, args.image_root) for i in tqdm(
+        range(d.rank, len(rows), d.world), desc="lengths", disable=not d.main or len(rows) < 5000)}
+    if d.distributed:
+        parts = [None] * d.world
+        torch.distributed.all_gather_object(parts, mine)
+        mine = {k: v for p in parts for k, v in p.items()}
+    lengths = [mine[i] for i in range(len(rows))]
     if d.main:
-        cached = json.load(open(path)) if os.path.exists(path) else {}
-        if cached.get("key") != key:
-            lengths = [estimate_length(r, processor, args.image_root) for r, _ in tqdm(
-                rows, desc="lengths", disable=len(rows) < 5000)]
-            with open(path + ".tmp", "w") as f:
-                json.dump({"key": key, "lengths": lengths}, f)
-            os.replace(path + ".tmp", path)
-    d.barrier()
-    return json.load(open(path))["lengths"]
+        with open(path + ".tmp", "w") as f:
+            json.dump({"key": key, "lengths": lengths}, f)
+        os.replace(path + ".tmp", path)
+    return lengths
 
 
 def check_data(dataset, args):

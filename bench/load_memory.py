@@ -1,10 +1,14 @@
 """Peak memory while loading a multi-GB checkpoint, as a multiple of the checkpoint's size.
 
     python bench/load_memory.py [--dir /tmp/llava_bench_ckpt] [--keep]
+    python bench/load_memory.py --procs 4      # FSDP2 training load: each of 4 processes reads only its shards
 
 Writes a ~2.3 GB bf16 LLaVA-NeXT checkpoint of random weights (CLIP-L/336 + a 0.9B Llama, 3 shards) once, then
 loads it with LlavaNext.from_pretrained(dtype=bfloat16) in a fresh process and reports the growth of its peak
 resident memory (VmHWM after the load minus VmRSS before it) divided by the checkpoint's bytes. Goal: <= 1.2x.
+With --procs N it loads the way `train_sft.py --fsdp` does under torchrun (gloo on the CPU): the model built on the
+meta device, sharded over N processes, each materialising its own rows of every tensor as fp32 master weights;
+the goal is a peak growth per process within its fp32 shard plus the largest single tensor (x 1.2).
 """
 
 import argparse
@@ -48,6 +52,55 @@ print(json.dumps({"before": before, "peak": status("VmHWM:"), "after": status("V
 """
 
 
+CHILD_SHARDED = r"""
+import json, os, sys, time, torch
+from argparse import Namespace
+sys.path.insert(0, sys.argv[2])
+from checkpoint import load_for_training
+from common import Dist
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+d = Dist()
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+t = time.time()
+model, _ = load_for_training(sys.argv[1], Namespace(fsdp=True), d, torch.bfloat16)
+local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
+            for p in model.parameters())
+largest = max(p.numel() * 4 for p in model.parameters())
+print(json.dumps({"rank": d.rank, "before": before, "peak": status("VmHWM:"), "seconds": time.time() - t,
+                  "local": local, "largest": largest}), flush=True)
+d.close()
+"""
+
+
+def sharded(path, procs):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = os.path.join(path, "_load_child.py")
+    with open(script, "w") as f:
+        f.write(CHILD_SHARDED)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                          f"--master_port={port}", script, path, ROOT], capture_output=True, text=True, check=True)
+    os.remove(script)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')]
+    worst = 0.0
+    for r in sorted(rows, key=lambda r: r["rank"]):
+        grew, bound = r["peak"] - r["before"], r["local"] + r["largest"]
+        worst = max(worst, grew / bound)
+        print(f"rank {r['rank']}: peak RSS growth {grew / 1e9:.2f} GB; its fp32 shard {r['local'] / 1e9:.2f} GB + "
+              f"the largest tensor {r['largest'] / 1e9:.2f} GB = {bound / 1e9:.2f} GB; ratio {grew / bound:.2f} "
+              f"({r['seconds']:.1f}s)")
+    print(f"worst ratio {worst:.2f} (goal <= 1.2)")
+
+
 def write_checkpoint(path):
     """Random bf16 weights, written shard by shard so the writer never holds the whole model."""
     from safetensors.torch import save_file
@@ -82,11 +135,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/llava_bench_ckpt")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
+    ap.add_argument("--procs", type=int, default=0, help="load sharded over N processes, as FSDP2 training does")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.dir, "model.safetensors.index.json")):
         print(f"writing a random checkpoint to {args.dir} ...")
         write_checkpoint(args.dir)
     ckpt = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir) if f.endswith(".safetensors"))
+    if args.procs:
+        sharded(args.dir, args.procs)
+        if not args.keep:
+            shutil.rmtree(args.dir)
+        return
     out = subprocess.run([sys.executable, "-c", CHILD, args.dir, ROOT], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grew = r["peak"] - r["before"]

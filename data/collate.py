@@ -4,9 +4,10 @@ A row is the released LLaVA / ShareGPT-4o-Reasoning format. Each becomes input_i
 its features, and `targets` = the next token at each position where the assistant is trained (-100 elsewhere),
 shifted inside the sample so that packing never trains one sample's last token on the next sample's first.
 
-Batch order: the seed fixes a permutation, length-grouped in chunks, cut into *global* batches of
-micro x world x accum samples; rank r takes micro-batches r, r + world, ... of each. The sequence of global batches is
-therefore the same for 1 process with --grad-accum 2 and for 2 processes: only the split differs.
+Batch order: the seed fixes a permutation cut into *global* batches of micro x world x accum samples; each is split
+into micro-batches (sorted by length into accumulation steps, then balanced across ranks by token count). The
+sequence of global batches is therefore the same for 1 process with --grad-accum 2 and for 2 processes: only the
+split differs.
 """
 
 import os
@@ -23,10 +24,17 @@ ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "sy
 
 
 class Skip:
-    """A sample that is not trained on, and why (counted and reported)."""
+    """A sample that is not trained on, and why: reason is the category counted in summaries ("image not found"),
+    where names the row and the details (the path, the length)."""
 
     def __init__(self, reason, where):
         self.reason, self.where = reason, where
+
+    @classmethod
+    def of(cls, error, where):
+        msg = re.sub(r"^\S+:\d+: ", "", str(error))
+        reason = next((k for k in ("image not found", "not a readable image") if k in msg), msg)
+        return cls(reason, where if reason == msg else f"{where} ({msg})")
 
 
 def load_rows(files, ratios=None, seed=0):
@@ -85,7 +93,7 @@ class SFTDataset(torch.utils.data.Dataset):
         except (FormatError, FileNotFoundError, ValueError, OSError) as e:
             if self.strict:
                 raise FormatError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
-            return Skip(re.sub(r"^\S+:\d+: ", "", str(e)), where)
+            return Skip.of(e, where)
 
     def sample(self, row, where):
         paths = [os.path.join(self.root, p) for p in row_images(row)]
@@ -102,9 +110,9 @@ class SFTDataset(torch.utils.data.Dataset):
         if len(ids) > self.max_len:
             image_pos = [k for k, t in enumerate(ids) if t == self.proc.image_token_id]
             if self.overlong == "skip":
-                return Skip(f"longer than --max-len {self.max_len} ({len(ids)} tokens)", where)
+                return Skip(f"longer than --max-len {self.max_len}", f"{where} ({len(ids)} tokens)")
             if image_pos and image_pos[-1] >= self.max_len:          # never cut inside the image tokens
-                return Skip(f"image tokens end past --max-len {self.max_len} ({len(ids)} tokens)", where)
+                return Skip(f"image tokens end past --max-len {self.max_len}", f"{where} ({len(ids)} tokens)")
             cut = len(ids)
             ids, labels = ids[:self.max_len], labels[:self.max_len]
         targets = labels[1:] + [-100]
@@ -129,23 +137,44 @@ def estimate_length(row, processor, image_root):
 
 # ------------------------------------------------------------------------------------------------ batch order
 
-def global_batches(lengths, global_size, seed, epoch, group_by_length=True):
-    """Lists of global_size sample indices for one epoch, from (seed, epoch) alone. Each global batch is a random
-    draw; group_by_length sorts it by length, so that the micro-batches cut from it (per rank, per accumulation
-    step) hold similar lengths: less padding, without making whole optimizer steps of one kind of sample, which
-    stalls learning (LLaVA's modality-length grouping does the same). An incomplete last batch is dropped."""
+def global_batches(lengths, global_size, seed, epoch):
+    """Lists of global_size sample indices for one epoch, from (seed, epoch) alone: each global batch a random draw
+    (the number of processes never changes what a step trains on). An incomplete last batch is dropped."""
     rng = random.Random(f"{seed}/{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    batches = [order[b:b + global_size] for b in range(0, len(order) - global_size + 1, global_size)]
-    if group_by_length:
-        batches = [sorted(b, key=lambda i: -lengths[i]) for b in batches]
-    return batches
+    return [order[b:b + global_size] for b in range(0, len(order) - global_size + 1, global_size)]
 
 
-def micro_batches(batch, micro, world, rank, accum):
-    """This rank's accum micro-batches of one global batch: slices rank, rank + world, ... of size micro."""
-    return [batch[(a * world + rank) * micro:(a * world + rank + 1) * micro] for a in range(accum)]
+def split_batch(batch, lengths, micro, world, accum, group_by_length=True):
+    """One global batch -> micro-batches [accumulation step][rank] of `micro` samples each.
+
+    group_by_length sorts the batch longest first, so that each accumulation step holds similar lengths (less
+    padding) without making whole optimizer steps of one kind of sample, which stalls learning (LLaVA's
+    modality-length grouping does the same). Within a step the samples go longest first onto the rank with the
+    fewest tokens so far that still has room: the ranks' work is balanced, so that none waits at every gradient
+    reduction for one that always got the longest samples. Deterministic: the same batch splits the same way."""
+    order = sorted(batch, key=lambda i: -lengths[i]) if group_by_length else list(batch)
+    steps = []
+    for a in range(accum):
+        group = order[a * world * micro:(a + 1) * world * micro]
+        bins, load = [[] for _ in range(world)], [0] * world
+        for i in sorted(group, key=lambda i: -lengths[i]):
+            r = min((r for r in range(world) if len(bins[r]) < micro), key=lambda r: (load[r], r))
+            bins[r].append(i)
+            load[r] += lengths[i]
+        steps.append(bins)
+    return steps
+
+
+def balance(steps, lengths):
+    """How evenly the ranks are loaded: the mean over steps of mean / max tokens per rank (1.0 = even)."""
+    ratios = []
+    for bins in steps:
+        loads = [sum(lengths[i] for i in b) for b in bins]
+        if max(loads):
+            ratios.append(sum(loads) / len(loads) / max(loads))
+    return sum(ratios) / len(ratios) if ratios else 1.0
 
 
 # ------------------------------------------------------------------------------------------------ collate
@@ -229,7 +258,7 @@ class PairDataset(torch.utils.data.Dataset):
             c_ids, c_tgt = self.tokenize(pair["question"], pair["chosen"], image_sizes, len(paths))
             r_ids, r_tgt = self.tokenize(pair["question"], pair["rejected"], image_sizes, len(paths))
         except (FormatError, OSError, ValueError) as e:
-            return Skip(str(e), where)
+            return Skip.of(e, where)
         if max(len(c_ids), len(r_ids)) > self.max_len:
             return Skip(f"longer than --max-len {self.max_len}", where)
         if (c_tgt == -100).all() or (r_tgt == -100).all():

@@ -125,7 +125,7 @@ def main():
          "--workers", "1", "--seed", str(args.seed), "--save-dtype", "bfloat16", "--log-every", "50"])
     shutil.rmtree(args.out, ignore_errors=True)
     shutil.copytree(os.path.join(out, "final"), args.out,
-                    ignore=shutil.ignore_patterns("trainer_state.*", "master_weights.safetensors"))
+                    ignore=shutil.ignore_patterns("trainer_state.*", "rng.pt", "state"))
     run([py, "evaluate.py", "--model", args.out, "--data", os.path.join(data, "test.jsonl"), "--image-root", data,
          "--mode", "direct", "--out", os.path.join(args.work, "eval"), "--max-new-tokens-direct", "24"])
     print(f"base model in {args.out} ({(time.time() - t0) / 60:.1f} minutes)")

@@ -128,7 +128,8 @@ class LlavaNext(nn.Module):
         sample what it gets alone. cu_seqlens packs several samples in one row. A KV cache (generation) brings its
         own mask; position_ids must then be given. inputs_embeds replaces input_ids (already embedded tokens).
         keep_vision_in_graph: a batch without images still runs the vision tower on one blank crop at weight 0, so
-        that every rank's vision parameters join the gradient reduction (DDP and FSDP would wait for them).
+        that every process runs the same modules in every forward: a sharded (FSDP) tower is gathered by all ranks
+        together, and a trained one joins every gradient reduction (DDP and FSDP would wait for it otherwise).
         image_repeat: the rows form that many blocks sharing the images, which are encoded once (see embed).
         """
         x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, pixel_values, image_sizes,
@@ -140,9 +141,7 @@ class LlavaNext(nn.Module):
             position_ids = positions(B, T, attention_mask, cu_seqlens, x.device)
         if attention_mask is not None and cu_seqlens is None and cache is None and attention_mask.shape != (B, T):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, T)}")
-        if keep_vision_in_graph and (pixel_values is None or len(pixel_values) == 0) and image_features is None \
-                and any(p.requires_grad for p in self.multi_modal_projector.parameters()) | any(
-                    p.requires_grad for p in self.vision_tower.parameters()):
+        if keep_vision_in_graph and (pixel_values is None or len(pixel_values) == 0) and image_features is None:
             S = self.config.vision.image_size
             blank = torch.zeros(1, 3, S, S, device=x.device, dtype=x.dtype)
             f = self.multi_modal_projector(self.vision_tower(blank, self.config.feature_layers,
@@ -152,9 +151,10 @@ class LlavaNext(nn.Module):
         if targets is None:
             return h if return_hidden else F.linear(h, self.output_weight)
         w = self.output_weight
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        autocast = h.device.type != "meta" and torch.is_autocast_enabled(h.device.type)     # (meta: shape runs)
+        dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
         lp = kernels.token_logprobs(h.reshape(B * T, -1).to(dtype), w.to(dtype), targets.reshape(-1))
-        return lp.view(B, T)
+        return lp.view(B, T).clone()      # not a view: FSDP2 warns about views returned by a sharded module
 
     def set_grad_checkpointing(self, enabled=True):
         """Recompute each block's activations in the backward (both towers): memory for compute."""
@@ -183,24 +183,37 @@ class LlavaNext(nn.Module):
         The model is built on the meta device and its parameters assigned from the files one tensor at a time, so
         peak memory stays near one copy of the weights.
         """
+        model = cls.empty(path)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state, _ = load_state_dict(path, expected, dtype, device, optional=model.optional_weights())
+        model.load_state_dict(state, strict=True, assign=True)
+        model.freeze_unused()
+        return model
+
+    @classmethod
+    def empty(cls, path, dtype=None):
+        """The model of a Hugging Face directory on the meta device: its config and generation settings, no weights.
+        from_pretrained fills it; a sharded training run shards it first, then each process reads only its shards."""
         config_path = os.path.join(path, "config.json") if os.path.isdir(path) else None
         if config_path is None or not os.path.exists(config_path):
             raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
         config = LlavaNextConfig.from_json(config_path)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state, _ = load_state_dict(path, expected, dtype, device,
-                                   optional={"lm_head.weight"} if config.tie_word_embeddings else ())
-        model.load_state_dict(state, strict=True, assign=True)
-        model.freeze_unused()
+        if dtype is not None:
+            model.to(dtype)
         gen_config = os.path.join(path, "generation_config.json")
         if os.path.exists(gen_config):
             with open(gen_config) as f:
                 eos = json.load(f).get("eos_token_id")
             if eos is not None:
                 model.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        model.freeze_unused()
         return model
+
+    def optional_weights(self):
+        """Weights a checkpoint may lack: the head, when the config ties it to the embedding."""
+        return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
 
     def freeze_unused(self):
         """CLIP layers past the selected feature layer and post_layernorm never get gradients: mark them so, which
@@ -208,18 +221,38 @@ class LlavaNext(nn.Module):
         for p in self.vision_tower.unused_parameters(self.config.feature_layers):
             p.requires_grad_(False)
 
-    def save_pretrained(self, path, max_shard_size="5GB", dtype=None, state_dict=None):
+    def save_pretrained(self, path, max_shard_size="5GB", dtype=None, state_dict=None, write=True):
         """Write config.json and safetensors in the llava-hf Hub layout (what transformers and vLLM load).
 
-        state_dict: our-named tensors to write instead of this module's own (a full state dict gathered from
-        FSDP shards, say); dtype: cast floating tensors on the way out (bf16 checkpoints from fp32 training)."""
-        os.makedirs(path, exist_ok=True)
+        dtype: cast floating tensors on the way out (bf16 checkpoints from fp32 training), one tensor at a time.
+        state_dict: our-named tensors to write instead of this module's own, or fetch callables with a `.meta`
+        (shape, dtype) that make each tensor when it is due (see model.weights.save_state_dict: an FSDP run gathers
+        one parameter at a time; every process calls this, only the one with write=True writes)."""
         state = state_dict if state_dict is not None else self.state_dict()
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        save_state_dict({rename(k, TO_HUB): v for k, v in state.items()}, path, max_shard_size)
-        first = next(v for v in state.values() if v.is_floating_point())
-        self.config.save_json(os.path.join(path, "config.json"), dtype=first.dtype)
+
+        def cast(v):
+            shape, src = v.meta if callable(v) else (tuple(v.shape), v.dtype)
+            out = dtype if dtype is not None and src.is_floating_point else src
+            if out == src and not callable(v):
+                return v
+
+            def fetch():
+                t = v() if callable(v) else v
+                return t.to(out)
+            fetch.meta = (shape, out)
+            return fetch
+        state = {rename(k, TO_HUB): cast(v) for k, v in state.items()}
+        if write:
+            os.makedirs(path, exist_ok=True)
+        save_state_dict(state, path, max_shard_size, write=write)
+        if not write:
+            return
+        self.save_config(path, next(d for d in (v.meta[1] if callable(v) else v.dtype for v in state.values())
+                                    if d.is_floating_point))
+
+    def save_config(self, path, dtype):
+        """config.json (with the weights' dtype) and generation_config.json (the eos ids generation stops at)."""
+        self.config.save_json(os.path.join(path, "config.json"), dtype=dtype)
         if self.eos_token_ids:
             with open(os.path.join(path, "generation_config.json"), "w") as f:
                 json.dump({"bos_token_id": self.config.text.bos_token_id, "eos_token_id": self.eos_token_ids}, f)

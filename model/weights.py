@@ -13,7 +13,6 @@ import struct
 from collections import defaultdict
 
 import torch
-from safetensors.torch import save_file
 
 # ----------------------------------------------------------------------------------------------------------------
 # key layouts: name -> list of (pattern, replacement) applied with re.sub, first match wins
@@ -129,11 +128,12 @@ def checkpoint_files(path):
 
 
 def read_tensors(path, names, convert):
-    """{name: convert(tensor)} for the named tensors of a safetensors file.
+    """{name: convert(name, tensor)} for the named tensors of a safetensors file.
 
-    convert receives a zero-copy view over a private memory map and must return a copy (e.g. `.to(dtype, copy=True)`).
-    The map's pages are dropped after each tensor, so reading never holds more than one tensor's worth of the file
-    in memory besides what convert returns: peak memory stays near one copy of the weights.
+    convert receives a zero-copy view over a private memory map and must return a copy (e.g. `.to(dtype, copy=True)`),
+    or None when it consumed the tensor itself (the result is then not kept). The map's pages are dropped after each
+    tensor, so reading never holds more than one tensor's worth of the file in memory besides what convert keeps:
+    peak memory stays near one copy of the weights, or one shard of them when convert slices.
     """
     header, start = read_header(path)
     out = {}
@@ -149,13 +149,16 @@ def read_tensors(path, names, convert):
             if b - a != numel * dtype.itemsize:
                 raise ValueError(f"{path}: tensor {name} has {b - a} bytes for shape {info['shape']} {info['dtype']}")
             if numel == 0:
-                out[name] = convert(torch.empty(info["shape"], dtype=dtype))
-                continue
-            view = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + a).view(info["shape"])
-            out[name] = convert(view)
-            del view
-            lo = (start + a) // mmap.PAGESIZE * mmap.PAGESIZE
-            mm.madvise(mmap.MADV_DONTNEED, lo, start + b - lo)
+                view = torch.empty(info["shape"], dtype=dtype)
+            else:
+                view = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + a).view(info["shape"])
+            t = convert(name, view)
+            if t is not None:
+                out[name] = t
+            del view, t
+            if numel:
+                lo = (start + a) // mmap.PAGESIZE * mmap.PAGESIZE
+                mm.madvise(mmap.MADV_DONTNEED, lo, start + b - lo)
     return out
 
 
@@ -213,10 +216,13 @@ def check_keys(expected, found, source, names=None):
     raise ValueError("\n".join(lines))
 
 
-def load_state_dict(path, expected, dtype, device, optional=()):
+def load_state_dict(path, expected, dtype, device, optional=(), rows=None, sink=None):
     """Read a checkpoint into {our name: tensor} with the given dtype/device, strictly against expected {name: shape}.
 
     optional: names that may be absent (the tied lm_head). Floating tensors are cast to dtype on the way in.
+    rows: {our name: (start, stop)} reads only those rows (dim 0) of a tensor: a rank's FSDP shard is one contiguous
+    byte range of the file, so only it is copied. sink(our name, tensor): each tensor is handed over as it is read and
+    not kept (a sharded model copies it into its own parameter), so nothing but one tensor is ever held besides it.
     """
     files = checkpoint_files(path)
     names = [k for k in files if not IGNORED.search(k)]
@@ -238,8 +244,14 @@ def load_state_dict(path, expected, dtype, device, optional=()):
     for ours_name, k in ours.items():
         if ours_name in expected:
             by_file[files[k]].add(k)
-    def convert(t):
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+    rows = rows or {}
+
+    def convert(key, t):
+        name = rename(key, rules)
+        if name in rows:
+            t = t[rows[name][0]:rows[name][1]]
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+        return t if sink is None else sink(name, t)
 
     state = {}
     for file, keys in by_file.items():
@@ -261,30 +273,66 @@ def parse_size(s):
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
-def save_state_dict(state, path, max_shard_size="5GB"):
-    """Write {llava-hf name: tensor} as model.safetensors, or shards + model.safetensors.index.json above the limit."""
+SAFETENSORS_DTYPE = {v: k for k, v in DTYPES.items()}
+
+
+def save_state_dict(state, path, max_shard_size="5GB", write=True):
+    """Write {llava-hf name: tensor} as model.safetensors, or shards + model.safetensors.index.json above the limit.
+
+    A value may also be a callable fetch() -> tensor, with its (shape, dtype) given as `fetch.meta`: the tensor is then
+    made only when its bytes are due, one at a time (an FSDP run gathers each sharded parameter just before it is
+    written, so no rank ever holds the whole model). Every fetch is called on every process (it may be a collective);
+    only the process with write=True writes. The header is written first from the shapes, then the bytes stream out.
+    """
+    def meta(v):
+        return v.meta if callable(v) else (tuple(v.shape), v.dtype)
+
     limit = parse_size(max_shard_size)
-    shards, current, size = [], {}, 0
-    for k, t in state.items():
-        n = t.numel() * t.element_size()
+    shards, current, size = [], [], 0
+    for k, v in state.items():
+        shape, dtype = meta(v)
+        n = math_prod(shape) * dtype.itemsize
         if current and size + n > limit:
             shards.append(current)
-            current, size = {}, 0
-        current[k] = t.detach().to("cpu").contiguous()
+            current, size = [], 0
+        current.append(k)
         size += n
     shards.append(current)
-    for f in os.listdir(path):           # drop stale weights from an earlier save into the same folder
-        if f.endswith(".safetensors") or f == "model.safetensors.index.json":
-            os.remove(os.path.join(path, f))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
+    if write:
+        for f in os.listdir(path):           # drop stale weights from an earlier save into the same folder
+            if f.endswith(".safetensors") or f == "model.safetensors.index.json":
+                os.remove(os.path.join(path, f))
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        for k, t in shard.items():
+    for name, keys in zip(names, shards):
+        header, offset = {}, 0
+        for k in keys:
+            shape, dtype = meta(state[k])
+            n = math_prod(shape) * dtype.itemsize
+            header[k] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
             weight_map[k] = name
-            total += t.numel() * t.element_size()
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        total += offset
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)                  # the data starts 8-byte aligned
+        f = open(os.path.join(path, name), "wb") if write else None
+        try:
+            if f:
+                f.write(struct.pack("<Q", len(blob)) + blob)
+            for k in keys:
+                v = state[k]
+                t = v() if callable(v) else v
+                if tuple(t.shape) != tuple(header[k]["shape"]) or t.dtype != meta(v)[1]:
+                    raise ValueError(f"{k}: got {tuple(t.shape)} {t.dtype}, announced {header[k]['shape']} "
+                                     f"{meta(v)[1]}")
+                if f:
+                    f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del t
+        finally:
+            if f:
+                f.close()
+    if write and len(shards) > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

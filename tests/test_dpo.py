@@ -247,7 +247,8 @@ def test_resume_is_exact(setup, tmp_path):
     common = ["--max-steps", "6", "--save-every", "3"]
     train_dpo.main(dpo_args(setup, tmp_path / "a", *common))
     train_dpo.main(dpo_args(setup, tmp_path / "b", *common))
-    shutil.rmtree(tmp_path / "b" / "checkpoint-000006")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-000006")       # as if killed before the final save
+    (tmp_path / "b" / "latest").write_text("checkpoint-000003\n")
     assert train_dpo.main(dpo_args(setup, tmp_path / "b", *common, "--resume")) == 0
     assert [r["loss"] for r in rows(tmp_path / "a")] == [r["loss"] for r in rows(tmp_path / "b")]
 
