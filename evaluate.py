@@ -5,17 +5,18 @@
     # real benchmarks: convert the released files first (python -m data.convert ...), one --image-root per run
     python evaluate.py --model llava-reasoner-dpo --data chartqa_test_human.jsonl --image-root ChartQA/test \\
         --mode both --out eval/chartqa --batch-size 32
-    # re-extract and re-score saved predictions (after a fix to an extractor), no generation
-    python evaluate.py --out eval/chartqa --rescore
+    # re-extract and re-score saved predictions with the current scorers, no generation
+    python evaluate.py --out eval/chartqa --rescore --data chartqa_test_human.jsonl
     # DPO as a verifier (paper §5.5): N CoT samples per question, picked by beta * log(pi_dpo / pi_sft)
     python evaluate.py --model runs/dpo/final --data ... --image-root ... --out eval/rerank --mode cot \\
         --rerank 16 --reward-model runs/dpo/final --reference runs/sft/final
 
 Prompts: the question (+ lettered options), then the mode suffix our SFT rows use (data/prompts.py). CoT answers
-are read after the last "### Answer:" (a missing marker is a format failure, counted; a fallback is still
-scored). Out: OUT/predictions.jsonl (one row per record and mode: prompt, raw output, extracted answer, score) and
-OUT/results.{md,json} (dataset x mode, and the plain average over datasets, as the paper's "Avg"). A rerun skips the
-(record, mode) pairs already in the predictions file.
+are read after the last "### Answer:" (a missing marker is a format failure, counted; the whole output is still
+scored), then scored by the benchmark's official scorer (data/scorers.py). Out: OUT/predictions.jsonl (one row
+per record and mode: prompt, raw output, extracted answer, score) and OUT/results.{md,json} (dataset x mode, and
+the plain average over datasets; then the paper's Table 3 layout, its "Avg" over its 8 benchmarks). A rerun skips
+the (record, mode) pairs already in the predictions file.
 """
 
 import argparse

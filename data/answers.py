@@ -50,19 +50,31 @@ def mc_letter(ans, choices):
     return m.group(1) if m and choices and LETTERS.index(m.group(1)) < len(choices) else ans
 
 
+def gold_letters(answers, choices):
+    """Golds as letters for the letter-scored benchmarks: records store letters; a gold given as an option's text
+    (and not itself a letter of an option) is mapped to its letter."""
+    letters = LETTERS[:len(choices or [])]
+    out = []
+    for g in map(str, answers):
+        if choices and not (len(g) == 1 and g in letters) and g in map(str, choices):
+            g = letters[[str(c) for c in choices].index(g)]
+        out.append(g)
+    return out
+
+
 SCORERS = {
     "chartqa": lambda p, a, c, m: scorers.chartqa_relaxed(p, a),
     "docvqa": lambda p, a, c, m: scorers.anls(p, a),
     "infovqa": lambda p, a, c, m: scorers.anls(p, a),
     "textvqa": lambda p, a, c, m: scorers.textvqa_accuracy(p, a),
     "aokvqa": lambda p, a, c, m: scorers.aokvqa_mc(p, a, c or []),
-    "ai2d": lambda p, a, c, m: scorers.ai2d_mc(p, a),
-    "sqa": lambda p, a, c, m: scorers.sqa_mc(p, a),
-    "scienceqa": lambda p, a, c, m: scorers.sqa_mc(p, a),
+    "ai2d": lambda p, a, c, m: scorers.ai2d_mc(p, gold_letters(a, c)),
+    "sqa": lambda p, a, c, m: scorers.sqa_mc(p, gold_letters(a, c)),
+    "scienceqa": lambda p, a, c, m: scorers.sqa_mc(p, gold_letters(a, c)),
     "mathvista": lambda p, a, c, m: scorers.mathvista_score(p, a, c, m),
     "ocrbench": lambda p, a, c, m: scorers.ocrbench_score(p, a, m),
-    "mmstar": lambda p, a, c, m: scorers.mmstar_mc(p, a),
-    "mmmu": lambda p, a, c, m: scorers.mmmu_score(p, a, c, m),
+    "mmstar": lambda p, a, c, m: scorers.mmstar_mc(p, gold_letters(a, c)),
+    "mmmu": lambda p, a, c, m: scorers.mmmu_score(p, gold_letters(a, c) if c else a, c, m),
     "synthetic": lambda p, a, c, m: synthetic_score(p, a, c),
 }
 

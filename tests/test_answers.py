@@ -268,3 +268,10 @@ def test_synthetic_metric_and_grade():
 def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown dataset 'vqav2'; known: .*chartqa"):
         score("vqav2", "a", ["a"])
+
+
+def test_a_gold_given_as_option_text_is_its_letter():
+    ch = ["egg", "larva", "pupa"]
+    for ds in ("ai2d", "sqa", "mmstar", "mmmu", "aokvqa", "mathvista"):
+        assert score(ds, "B", ["larva"], ch) == score(ds, "B", ["B"], ch) == 1.0, ds
+    assert score("ai2d", "D", ["D"], ["c", "D", "b", "a"]) == 1.0 and score("ai2d", "B", ["D"], ["c", "D", "b", "a"]) == 0
