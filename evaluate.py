@@ -33,7 +33,7 @@ from common import dtype_of
 from data import answers
 from data.answers import score
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
-from data.prompts import FAMILIES, family, model_prompt
+from data.prompts import FAMILIES, model_prompt
 
 
 def parse_args(argv=None):
