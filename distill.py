@@ -225,14 +225,19 @@ def retry_after(err):
 
 
 async def ask(client, rec, args, image_url):
+    return await chat(client, messages(rec, args, image_url), args)
+
+
+async def chat(client, msgs, args):
     """One chat completion with retries: 429 / 5xx / timeouts / malformed bodies back off (Retry-After honoured);
-    401 / 403 / 404 stop the run."""
+    401 / 403 / 404 stop the run. args: model, max_tokens, temperature, timeout, max_retries, backoff, max_backoff.
+    Also used by MathVista's GPT answer extraction (data/gpt_extract.py)."""
     import openai
     last = None
     for attempt in range(args.max_retries + 1):
         try:
             resp = await client.chat.completions.create(
-                model=args.model, messages=messages(rec, args, image_url), max_tokens=args.max_tokens,
+                model=args.model, messages=msgs, max_tokens=args.max_tokens,
                 temperature=args.temperature, timeout=args.timeout)
             text = resp.choices[0].message.content
             if not isinstance(text, str) or not text.strip():

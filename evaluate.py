@@ -5,17 +5,18 @@
     # real benchmarks: convert the released files first (python -m data.convert ...), one --image-root per run
     python evaluate.py --model llava-reasoner-dpo --data chartqa_test_human.jsonl --image-root ChartQA/test \\
         --mode both --out eval/chartqa --batch-size 32
-    # re-extract and re-score saved predictions (after a fix to an extractor), no generation
-    python evaluate.py --out eval/chartqa --rescore
+    # re-extract and re-score saved predictions with the current scorers, no generation
+    python evaluate.py --out eval/chartqa --rescore --data chartqa_test_human.jsonl
     # DPO as a verifier (paper §5.5): N CoT samples per question, picked by beta * log(pi_dpo / pi_sft)
     python evaluate.py --model runs/dpo/final --data ... --image-root ... --out eval/rerank --mode cot \\
         --rerank 16 --reward-model runs/dpo/final --reference runs/sft/final
 
 Prompts: the question (+ lettered options), then the mode suffix our SFT rows use (data/prompts.py). CoT answers
-are read after the last "### Answer:" (a missing marker is a format failure, counted; a fallback is still
-scored). Out: OUT/predictions.jsonl (one row per record and mode: prompt, raw output, extracted answer, score) and
-OUT/results.{md,json} (dataset x mode, and the plain average over datasets, as the paper's "Avg"). A rerun skips the
-(record, mode) pairs already in the predictions file.
+are read after the last "### Answer:" (a missing marker is a format failure, counted; the whole output is still
+scored), then scored by the benchmark's official scorer (data/scorers.py). Out: OUT/predictions.jsonl (one row
+per record and mode: prompt, raw output, extracted answer, score) and OUT/results.{md,json} (dataset x mode, and
+the plain average over datasets; then the paper's Table 3 layout, its "Avg" over its 8 benchmarks). A rerun skips
+the (record, mode) pairs already in the predictions file.
 """
 
 import argparse
@@ -29,9 +30,10 @@ import torch
 from tqdm import tqdm
 
 from common import dtype_of
-from data.answers import NUMERIC_FAMILIES, extract, score
+from data import answers
+from data.answers import score
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
-from data.prompts import FAMILIES, family, model_prompt
+from data.prompts import FAMILIES, model_prompt
 
 
 def parse_args(argv=None):
@@ -48,6 +50,12 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     ap.add_argument("--rescore", action="store_true", help="re-extract and re-score OUT/predictions.jsonl only")
+    ap.add_argument("--gpt-extract", default=None, metavar="MODEL",
+                    help="with --rescore: MathVista answers extracted by this OpenAI model, as the official "
+                         "pipeline does (off by default; prints the request count and cost, sends nothing "
+                         "without --gpt-confirm; key from OPENAI_API_KEY)")
+    ap.add_argument("--gpt-confirm", action="store_true", help="send the --gpt-extract requests")
+    ap.add_argument("--gpt-base-url", default=None, help="an OpenAI-compatible server for --gpt-extract")
     # DPO as a verifier
     ap.add_argument("--rerank", type=int, default=0, help="sample N CoT answers per question and pick one")
     ap.add_argument("--reward-model", default=None, help="the DPO model (pi_dpo in the implicit reward)")
@@ -60,14 +68,13 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------ grading
 
+# scorers that need the record's options or meta (answer type, OCRBench subset), not just the golds
+NEEDS_RECORD = ("aokvqa", "mmmu", "mathvista", "ocrbench")
+
 def grade(rec, text, mode):
-    """(extracted answer, score, format_ok) of one output. Direct outputs are the answer itself."""
-    numeric = family(rec["dataset"]) in NUMERIC_FAMILIES
-    if mode == "direct" and "###" not in text:
-        ans, ok = extract("### Answer: " + text.strip().split("\n")[0], rec.get("choices"), numeric)
-    else:
-        ans, ok = extract(text, rec.get("choices"), numeric)
-    return ans, score(rec["dataset"], ans, rec["answers"], rec.get("choices"), rec.get("meta")), ok
+    """(extracted answer, score, format_ok) of one output: the paper's extraction (the text after the last
+    "### Answer:"; a direct output is the answer itself), then the benchmark's official scorer (data/answers.py)."""
+    return answers.grade(rec, text, mode)
 
 
 def family_of(rec):
@@ -105,12 +112,50 @@ def table(rows, out):
             cells_md.append(f"{c['score']:.1f} ({', '.join(note)})")
         lines.append(f"| {d} | " + " | ".join(cells_md) + " |")
     lines.append("| **Avg** | " + " | ".join(f"**{avg[m]:.1f}**" for m in modes) + " |")
-    md = "\n".join(lines) + "\n"
+    paper_md, paper = paper_table(results, modes)
+    md = "\n".join(lines) + "\n" + paper_md
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"results": results, "average": avg}, f, indent=1)
+        json.dump({"results": results, "average": avg, "paper_table": paper}, f, indent=1)
     return md
+
+
+# the paper's Table 3 columns (its "Avg" is the mean of these 8), then Table 5's generalisation benchmarks
+PAPER_COLUMNS = [("A-OK", ("aokvqa",)), ("Chart", ("chartqa",)), ("Doc", ("docvqa",)), ("Info", ("infovqa",)),
+                 ("Text", ("textvqa",)), ("AI2D", ("ai2d",)), ("SQA", ("sqa", "scienceqa")),
+                 ("MathV", ("mathvista",))]
+EXTRA_COLUMNS = [("OCRBench", ("ocrbench",)), ("MMStar", ("mmstar",)), ("MMMU", ("mmmu",))]
+
+
+def paper_table(results, modes):
+    """One row per mode in the paper's Table 3 columns (+ OCRBench, MMStar, MMMU when present): (markdown, dict).
+    Avg is the plain mean of the 8 Table 3 benchmarks, as the paper's; with some missing it averages those present
+    and says how many."""
+    columns = PAPER_COLUMNS + [c for c in EXTRA_COLUMNS if any(d in results for d in c[1])]
+    if not any(d in results for _, names in columns for d in names):
+        return "", {}
+    table = {}
+    for m in modes:
+        row = {}
+        for col, names in columns:
+            cell = next((results[d][m]["score"] for d in names if m in results.get(d, {})), None)
+            if cell is not None:
+                row[col] = cell
+        main = [row[c] for c, _ in PAPER_COLUMNS if c in row]
+        if main:
+            row["Avg"] = sum(main) / len(main)
+            row["Avg of"] = len(main)
+            table[m] = row
+    head = [c for c, _ in PAPER_COLUMNS] + ["Avg"] + [c for c, _ in columns[len(PAPER_COLUMNS):]]
+    lines = ["", "Paper layout (Table 3 columns; Avg = mean of its 8 benchmarks):", "",
+             "| mode | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for m, row in table.items():
+        cells = [f"{row[c]:.1f}" if c in row else "-" for c in head]
+        if row["Avg of"] < len(PAPER_COLUMNS):
+            cells[len(PAPER_COLUMNS)] += f" ({row['Avg of']}/8)"
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", table
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -234,13 +279,28 @@ def main(argv=None):
         if not os.path.exists(pred_path):
             raise SystemExit(f"error: {pred_path} not found: nothing to rescore")
         records = {r["id"]: r for r in load_qa(args.data)} if args.data else {}
-        rows = []
-        for _, row in read_jsonl(pred_path):
+        rows = [row for _, row in read_jsonl(pred_path)]
+        blind = sorted({r["dataset"] for r in rows if "output" in r and r["id"] not in records and not r.get(
+            "choices") and r["dataset"] in NEEDS_RECORD})
+        if blind:
+            raise SystemExit(f"error: predictions of {blind} need their QA records (options, answer type) to be "
+                             "rescored: pass the records with --data")
+        extractions = {}
+        if args.gpt_extract:                           # MathVista's GPT answer extraction, opt-in, cost shown first
+            from data import gpt_extract
+            extractions = gpt_extract.run(rows, records, args)
+            if extractions is None:
+                return 0
+        for row in rows:
             if "output" in row:
                 rec = records.get(row["id"]) or {"dataset": row["dataset"], "answers": row["gold"],
                                                  "choices": row.get("choices"), "meta": row.get("meta")}
                 row["answer"], row["score"], row["format_ok"] = grade(rec, row["output"], row["mode"])
-            rows.append(row)
+                ext = extractions.get((row["id"], row["mode"]), row.get("extraction"))
+                if ext is not None:                    # a GPT extraction (kept in the row) replaces the rule-based one
+                    row["answer"] = row["extraction"] = ext
+                    row["score"] = score(rec["dataset"], row["answer"], rec["answers"], rec.get("choices"),
+                                         rec.get("meta"))
         with open(pred_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         os.replace(pred_path + ".tmp", pred_path)

@@ -8,11 +8,20 @@
     python -m data.convert ai2d      --input ai2d/questions --out ai2d.jsonl [--ids ai2d_test_ids.csv]
     python -m data.convert sqa       --input ScienceQA/data/scienceqa/problems.json --split test --out sqa_img.jsonl
     python -m data.convert mathvista --input MathVista/data/testmini.json --out mathvista_testmini.jsonl
+    python -m data.convert ocrbench  --input OCRBench/OCRBench.json --out ocrbench.jsonl    # images: OCRBench_Images/
+    # MMStar and MMMU (validation) as VLMEvalKit ships them (their hub releases are parquet files, which would need
+    # a new dependency): TSVs with the images inline, written out under --image-dir (give it as --image-root later)
+    python -m data.convert mmstar    --input MMStar.tsv --image-dir mmstar_images --out mmstar.jsonl
+    python -m data.convert mmmu      --input MMMU_DEV_VAL.tsv --image-dir mmmu_images --out mmmu_val.jsonl
+    # any of VLMEvalKit's TSVs of these benchmarks (AI2D_TEST, ScienceQA_TEST, A-OKVQA, ChartQA_TEST, DocVQA_VAL,
+    # InfoVQA_VAL, TextVQA_VAL, OCRBench, MathVista_MINI, MMStar, MMMU_DEV_VAL): the benchmark from the file name
+    python -m data.convert vlmeval   --input AI2D_TEST.tsv --image-dir ai2d_images --out ai2d.jsonl
 
 Image paths in the records are relative to the benchmark's own root (give that root as --image-root to
 evaluate.py): ChartQA png/<imgname>, A-OKVQA <split>2017/<12-digit id>.jpg, DocVQA documents/..., InfoVQA
 infographicsvqa_images/<name>, TextVQA train_images/<id>.jpg, AI2D images/<name>, ScienceQA <split>/<pid>/image.png,
-MathVista images/<pid>.jpg. Multiple-choice answers are stored as letters, with the option texts in "choices".
+MathVista images/<pid>.jpg, OCRBench <subset>/..., a TSV's images <index>.<format> under --image-dir.
+Multiple-choice answers are stored as letters, with the option texts in "choices".
 """
 
 import argparse
@@ -20,6 +29,7 @@ import csv
 import json
 import os
 
+from data import vlmeval
 from data.prompts import LETTERS
 
 
@@ -37,11 +47,14 @@ def chartqa(path, **_):
 
 
 def aokvqa(path, split=None, **_):
-    """A-OKVQA aokvqa_v1p0_{split}.json: [{"question_id", "image_id", "question", "choices", "correct_choice_idx",
-    "direct_answers", ...}]; the multiple-choice setting (the paper's)."""
-    split = split or ("val" if "val" in os.path.basename(path) else "test" if "test" in path else "train")
+    """A-OKVQA aokvqa_v1p0_{split}.json: [{"question_id", "split", "image_id", "question", "choices",
+    "correct_choice_idx", "direct_answers", ...}]; the multiple-choice setting (the paper's). The COCO 2017 image
+    folder comes from each record's own "split" (--split only where a record has none)."""
     for r in _load(path):
-        rec = {"id": f"aokvqa-{r['question_id']}", "image": f"{split}2017/{int(r['image_id']):012d}.jpg",
+        where = r.get("split") or split
+        if not where:
+            raise ValueError(f"A-OKVQA question {r.get('question_id')} has no 'split'; give --split train|val|test")
+        rec = {"id": f"aokvqa-{r['question_id']}", "image": f"{where}2017/{int(r['image_id']):012d}.jpg",
                "question": r["question"], "choices": r["choices"], "dataset": "aokvqa",
                "answers": [LETTERS[r["correct_choice_idx"]]] if "correct_choice_idx" in r else ["?"]}
         if r.get("direct_answers"):
@@ -105,7 +118,8 @@ def sqa(path, split="test", images_only=True, **_):
 
 def mathvista(path, **_):
     """MathVista testmini.json: {pid: {"question", "image", "choices", "answer", "question_type", "answer_type",
-    "precision", "unit"}}; multiple choice as letters, free-form with its answer type and precision in meta."""
+    "precision", "unit", "query"}}; multiple choice as letters; meta keeps question_type, answer_type, precision,
+    unit and the official query (hint + question + choices: the GPT extraction's prompt uses it)."""
     data = _load(path)
     for pid, r in (data.items() if isinstance(data, dict) else ((str(x["pid"]), x) for x in data)):
         choices = r.get("choices") if r.get("question_type") == "multi_choice" else None
@@ -116,12 +130,49 @@ def mathvista(path, **_):
         meta = {"answer_type": r.get("answer_type"), "question_type": r.get("question_type")}
         if r.get("precision") is not None:
             meta["precision"] = int(r["precision"])
+        for key in ("unit", "query"):
+            if r.get(key):
+                meta[key] = r[key]
         yield {"id": f"mathvista-{pid}", "image": r["image"], "question": r["question"], "choices": choices,
                "answers": answers, "dataset": "mathvista", "meta": meta}
 
 
+def ocrbench(path, **_):
+    """OCRBench OCRBench.json: [{"dataset_name", "id", "image_path", "question", "answers": str | [str], "type"}]
+    (ids repeat across subsets: the record id is the position); the subset and type go to meta (HME100k is
+    scored without spaces)."""
+    for i, r in enumerate(_load(path)):
+        answers = r["answers"] if isinstance(r["answers"], list) else [r["answers"]]
+        yield {"id": f"ocrbench-{i}", "image": r["image_path"], "question": r["question"],
+               "answers": [str(a) for a in answers], "choices": None, "dataset": "ocrbench",
+               "meta": {"dataset_name": r["dataset_name"], "type": r["type"], "source_id": r.get("id")}}
+
+
+def mmstar(path, image_dir=None, **_):
+    """MMStar as VLMEvalKit's MMStar.tsv (1500 questions, options A-D, images inline)."""
+    return _tsv(path, "mmstar", image_dir)
+
+
+def mmmu(path, image_dir=None, split=None, **_):
+    """MMMU as VLMEvalKit's MMMU_DEV_VAL.tsv, the validation split by default (900 questions; multiple choice
+    and open; a multi-image question keeps its first image, see data/vlmeval.py)."""
+    return _tsv(path, "mmmu", image_dir, split or "validation")
+
+
+def vlmeval_tsv(path, image_dir=None, split=None, dataset=None, **_):
+    """Any VLMEvalKit TSV of a benchmark above; the benchmark from --dataset or the file name."""
+    return _tsv(path, dataset, image_dir, split)
+
+
+def _tsv(path, dataset, image_dir, split=None):
+    if not image_dir:
+        raise ValueError("a TSV's images are written out: give --image-dir")
+    return vlmeval.read_tsv(path, image_dir, dataset, split)
+
+
 CONVERTERS = {"chartqa": chartqa, "aokvqa": aokvqa, "docvqa": docvqa, "infovqa": infovqa, "textvqa": textvqa,
-              "ai2d": ai2d, "sqa": sqa, "mathvista": mathvista}
+              "ai2d": ai2d, "sqa": sqa, "mathvista": mathvista, "ocrbench": ocrbench, "mmstar": mmstar,
+              "mmmu": mmmu, "vlmeval": vlmeval_tsv}
 
 
 def main():
@@ -129,10 +180,14 @@ def main():
     ap.add_argument("benchmark", choices=sorted(CONVERTERS))
     ap.add_argument("--input", required=True, help="the benchmark's annotation file (AI2D: its questions/ folder)")
     ap.add_argument("--out", required=True, help="QA records JSONL to write")
-    ap.add_argument("--split", default=None, help="A-OKVQA image folder / ScienceQA split (default: from the file)")
+    ap.add_argument("--split", default=None, help="ScienceQA split; A-OKVQA image folder for records without "
+                                                     "a split; MMMU TSV split (default validation)")
     ap.add_argument("--ids", default=None, help="AI2D: a file of test image ids to keep")
+    ap.add_argument("--image-dir", default=None, help="TSV input: where its images are written (the records' "
+                                                      "image paths are relative to it: give it as --image-root)")
+    ap.add_argument("--dataset", default=None, help="vlmeval: the benchmark (default: from the file name)")
     args = ap.parse_args()
-    kw = {"ids": args.ids}
+    kw = {"ids": args.ids, "image_dir": args.image_dir, "dataset": args.dataset}
     if args.split:
         kw["split"] = args.split
     try:

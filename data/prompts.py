@@ -16,7 +16,7 @@ DIRECT_MC = "Answer with the option's letter from the given choices directly."
 ANSWER_MARKER = "### Answer:"
 LETTERS = "ABCDEFGHIJ"
 
-# dataset -> prompt family; the family picks the teacher prompt, and data/answers.py picks the metric
+# dataset -> prompt family; the family picks the teacher prompt (data/answers.py picks the scorer by dataset)
 FAMILIES = {
     "aokvqa": "mc", "ai2d": "mc", "sqa": "mc", "scienceqa": "mc", "mmstar": "mc",
     "chartqa": "chart",
