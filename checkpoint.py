@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
+from common import UserError, claim, progress
 from model import LlavaNext
 from model.weights import load_state_dict
 
@@ -137,6 +138,32 @@ def incomplete(path):
             if not os.path.exists(os.path.join(path, f))]
 
 
+RUN_FILES = ("latest", "final", "metrics.jsonl", "lengths.json", "loss.png", "rewards.png", "reference_logps.pt",
+             "token_rewards.html")
+
+
+def claim_run(args, d, fields):
+    """Take --out for a training run (OUT/manifest.json records what the run depends on). Returns the checkpoint to
+    resume from, or None. The same run continues only with --resume; another run's outputs are refused unless
+    --overwrite, which deletes what training runs wrote there (checkpoints, logs), nothing else."""
+    names = os.listdir(args.out)
+    created = [os.path.join(args.out, n) for n in names if n in RUN_FILES or n.startswith(
+        ("checkpoint-", ".tmp-checkpoint-", ".trash-checkpoint-"))]
+    manifest = os.path.join(args.out, "manifest.json")
+    has_run = claim(manifest, fields, created, args.overwrite, act=False)       # every rank checks ...
+    if has_run and not args.resume:
+        raise UserError(f"{args.out} already holds this run's outputs: --resume continues it, --overwrite starts it "
+                        "over, or choose a new --out")
+    d.barrier()
+    if d.main:                                                                   # ... one acts
+        claim(manifest, fields, created, args.overwrite)
+    d.barrier()
+    resume = latest(args.out) if args.resume and has_run else None
+    if args.resume and resume is None and d.main:
+        print(f"--resume: no checkpoint in {args.out} yet, starting from --model")
+    return resume
+
+
 def _discard(path):
     """Delete a checkpoint directory so that a kill midway never leaves a half-deleted checkpoint-N: one rename takes
     it out of the checkpoint-* namespace first, then the files go (leftovers are swept by the next save)."""
@@ -233,6 +260,7 @@ def save(args, d, model, wrapped, optimizer, processor, step, save_dtype, final=
                                         for g in optimizer.param_groups]}, f, indent=1)
 
     path = write_checkpoint(args.out, step, write, d, args.keep_checkpoints)
+    progress["then"] = f"rerun with --resume to continue from {os.path.basename(path)}"
     if d.main:
         print(f"saved {path}" + (" (with Hugging Face weights)" if hf else ""), flush=True)
     return path

@@ -1,17 +1,185 @@
 """What the scripts share: torchrun set-up, the LR schedule, autocast and clipping, logging. Each script owns its
 own loop (helpers are shared, not a Trainer class); models on devices and checkpoints live in checkpoint.py."""
 
+import argparse
 import datetime
 import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+
+from data.formats import FormatError
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default (and range, when it has one) after its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        extra = []
+        rng = getattr(action.type, "range_text", None)
+        if rng:
+            extra.append(rng)
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and "%(default)" not in text:
+            extra.append(f"default: %(default)s")
+        return f"{text} ({'; '.join(extra)})" if extra else text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults and ranges in --help, a --debug flag, and errors on one line (exit 2)."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+        # "-1e-3" is a (negative) number, not an option: a range error names it, instead of "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        self.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def number(kind, lo=None, hi=None, above=None):
+    """An argparse type: kind (int or float) in [lo, hi], or > above. The range shows in --help and in errors."""
+    parts = ([f"> {above}"] if above is not None else [f">= {lo}"] if lo is not None else []) + (
+        [f"<= {hi}"] if hi is not None else [])
+    text = "range: " + " and ".join(parts) if parts else ""
+
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi) or (above is not None and v <= above):
+            raise argparse.ArgumentTypeError(f"{s} is out of range ({text[7:]})")
+        return v
+    parse.range_text = text
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class UserError(Exception):
+    """A failure the user can fix (a wrong path, a bad row, an output that would mix runs): one line, no traceback."""
+
+
+progress = {"at": None, "then": None}      # where a run is (for Ctrl-C): e.g. {"at": "step 120", "then": "rerun with --resume to continue"}
+
+
+def cli(main):
+    """Run a script's main(): user-caused failures print `error: ...` on one line (exit 2); Ctrl-C says where the
+    run stopped and how to continue (exit 130); --debug shows the tracebacks."""
+    debug = "--debug" in sys.argv
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):       # the bars first, so that the message ends the output
+            bar.close()
+        if int(os.environ.get("RANK", 0)) == 0:
+            where = f" at {progress['at']}" if progress["at"] else ""
+            then = f"; {progress['then']}" if progress["then"] else ""
+            print(f"\ninterrupted{where}{then}", file=sys.stderr, flush=True)
+        code = 130
+    except (UserError, OSError, FormatError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except SystemExit as e:                          # raise SystemExit("error: ...") is a one-line error too
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr, flush=True)
+        code = 2
+    sys.exit(code)
+
+
+# ------------------------------------------------------------------------------------------------ manifests
+
+def file_id(path):
+    """A data file's identity: its absolute path, size and modification time."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+
+def model_id(path):
+    """A model directory's identity: its resolved path (a symlink re-pointed at another checkpoint is another
+    model) and the size and modification time of each weight and config file in it."""
+    real = os.path.realpath(path)
+    names = sorted(f for f in os.listdir(real) if f.endswith((".safetensors", ".json"))) if os.path.isdir(real) else []
+    return [real] + [[f, *file_id(os.path.join(real, f))[1:]] for f in names]
+
+
+def _diff(old, new, prefix=""):
+    """The first difference between two manifests, as 'field: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            if old.get(k) != new.get(k):
+                return _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {json.dumps(old)[:120]} -> {json.dumps(new)[:120]}"
+
+
+def claim(manifest, fields, created, overwrite, what="--out", act=True):
+    """Take an output location for a run; returns True when it holds outputs of an earlier run of the same fields
+    (to resume from).
+
+    manifest: the manifest file beside (or inside) the outputs; fields: what the outputs depend on (the model's
+    identity, the data files, the flags that change results); created: the paths there that a run of this stage
+    writes. Another run's outputs (other fields) are refused with one line naming the first difference, unless
+    overwrite: then the files this stage created are deleted first (overwrite also starts a same-fields run anew).
+    Outputs without a manifest were not made by this stage: they are never touched, and the run is refused.
+    act=False only checks (every rank checks, then one acts)."""
+    fields = json.loads(json.dumps(fields))
+    existing = [p for p in created if os.path.lexists(p)]
+    old = None
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            old = json.load(f)
+    if old is None and existing:
+        raise UserError(f"{existing[0]} exists and was not written by this stage (no {os.path.basename(manifest)} "
+                        f"beside it); nothing was changed: choose a new {what}, or move it away")
+    if old is not None and old != fields and not overwrite:
+        raise UserError(f"{manifest} records another run ({_diff(old, fields)}); use --overwrite to replace its "
+                        f"outputs, or a new {what}")
+    if overwrite and existing:
+        if act:
+            for p in existing:
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+        existing = []
+    if act:
+        os.makedirs(os.path.dirname(os.path.abspath(manifest)), exist_ok=True)
+        with open(manifest + ".tmp", "w") as f:
+            json.dump(fields, f, indent=1)
+        os.replace(manifest + ".tmp", manifest)
+    return bool(existing)
+
+
+def check_model_dir(path, flag="--model"):
+    """A one-line error, before any work, when a model directory is missing or is not one."""
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise UserError(f"{flag} {path}: no config.json, not a Hugging Face model directory")
+
+
+def check_out_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path} is a file; give a directory")
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path} is not writable")
+
 
 # ------------------------------------------------------------------------------------------------ torchrun
 

@@ -19,7 +19,6 @@ Rerunning the same command resumes: ids already in OUT or OUT.dropped.jsonl are 
 once. A kill at any moment loses at most the requests in flight.
 """
 
-import argparse
 import asyncio
 import base64
 import io
@@ -32,6 +31,7 @@ import time
 
 from tqdm import tqdm
 
+from common import ArgumentParser, UserError, claim, cli, file_id, number
 from data.answers import grade
 from data.formats import Appender, FormatError, done_ids, load_qa, read_jsonl, repair_tail
 from data.prompts import LETTERS, TEACHER_SYSTEM, family, model_prompt, teacher_prompt
@@ -394,17 +394,37 @@ def run_synthetic(pending, args, sink):
 
 # ------------------------------------------------------------------------------------------------ main
 
+def claim_out(args):
+    """--out is taken only by the same distillation (data, teacher and its settings; see common.claim): a rerun
+    resumes it, another one is refused unless --overwrite, and a file distill.py did not write is never touched."""
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a directory; give the JSONL file to write")
+    base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
+    created = [args.out] + [base + s for s in (".dropped.jsonl", ".failed.jsonl", ".batch.json",
+                                               ".batch.requests.jsonl")]
+    teacher = None if args.direct_only else args.teacher
+    fields = {"stage": "distill", "data": [file_id(f) for f in args.data], "teacher": teacher}
+    if teacher:
+        fields["flags"] = {k: getattr(args, k) for k in ("hint_answer", "min_score", "seed") + (
+            ("error_rate",) if teacher == "synthetic" else
+            ("model", "base_url", "max_tokens", "temperature", "image_detail"))}
+    claim(base + ".manifest.json", fields, created, args.overwrite)
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
+    pos, nonneg, secs = number(int, lo=1), number(int, lo=0), number(float, above=0)
     # data
     ap.add_argument("--data", nargs="+", required=True, help="QA record JSONL file(s)")
     ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
     ap.add_argument("--out", required=True, help="SFT JSONL to append to (side files are written beside it)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of another distillation run at --out (only files distill.py wrote)")
     ap.add_argument("--with-direct", action="store_true", help="also write a direct-answer row per record")
     ap.add_argument("--direct-only", action="store_true",
                     help="write only the direct-answer rows (from the annotations; no teacher is asked)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N records")
-    ap.add_argument("--min-score", type=float, default=None,
+    ap.add_argument("--limit", type=pos, default=None, help="only the first N records")
+    ap.add_argument("--min-score", type=number(float, lo=0, hi=1), default=None,
                     help="keep a row when its metric score reaches this (default 1; ANLS sets 0.5, VQA acc 0.3)")
     # teacher
     ap.add_argument("--teacher", choices=["openai", "synthetic"], help="who writes the rationales (not needed "
@@ -412,28 +432,31 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="gpt-4o-2024-05-13", help="teacher model (the paper's GPT-4o)")
     ap.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
     ap.add_argument("--hint-answer", action="store_true", help="give the teacher the gold short answer as a hint")
-    ap.add_argument("--max-tokens", type=int, default=1024, help="teacher output limit")
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--image-detail", default="auto", choices=["auto", "low", "high"])
-    ap.add_argument("--error-rate", type=float, default=0.0, help="synthetic teacher: share of rationales with a slip")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-tokens", type=pos, default=1024, help="teacher output limit")
+    ap.add_argument("--temperature", type=number(float, lo=0, hi=2), default=0.0, help="teacher sampling temperature")
+    ap.add_argument("--image-detail", default="auto", choices=["auto", "low", "high"], help="GPT-4o image detail")
+    ap.add_argument("--error-rate", type=number(float, lo=0, hi=1), default=0.0,
+                    help="synthetic teacher: share of rationales with a slip (the answer filter drops them)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic teacher's random slips")
     # the API
-    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    ap.add_argument("--max-retries", type=int, default=6, help="per request, on 429 / 5xx / timeouts")
-    ap.add_argument("--backoff", type=float, default=1.0, help="first retry wait (doubles, jittered)")
-    ap.add_argument("--max-backoff", type=float, default=60.0)
+    ap.add_argument("--concurrency", type=pos, default=16, help="requests in flight")
+    ap.add_argument("--timeout", type=secs, default=120.0, help="seconds per request")
+    ap.add_argument("--max-retries", type=nonneg, default=6, help="per request, on 429 / 5xx / timeouts")
+    ap.add_argument("--backoff", type=number(float, lo=0), default=1.0, help="first retry wait (doubles, jittered)")
+    ap.add_argument("--max-backoff", type=number(float, lo=0), default=60.0, help="longest retry wait, seconds")
     ap.add_argument("--batch-api", action="store_true", help="use the Batch API (half price, asynchronous)")
-    ap.add_argument("--batch-size", type=int, default=50000, help="requests per batch (the API's limit is 50k)")
-    ap.add_argument("--poll-interval", type=float, default=30.0, help="seconds between batch status checks")
+    ap.add_argument("--batch-size", type=number(int, lo=1, hi=50000), default=50000,
+                    help="requests per batch (the API's limit is 50k)")
+    ap.add_argument("--poll-interval", type=secs, default=30.0, help="seconds between batch status checks")
     ap.add_argument("--no-wait", action="store_true", help="batch: submit or check, then exit")
     # money
-    ap.add_argument("--max-cost", type=float, default=None, help="stop sending requests once the spend (USD, this "
-                                                                   "and earlier runs) would pass this")
+    ap.add_argument("--max-cost", type=number(float, lo=0), default=None,
+                    help="stop sending requests once the spend (USD, this and earlier runs) would pass this")
     ap.add_argument("--dry-run", action="store_true", help="print the request count and estimated cost, send none")
-    ap.add_argument("--price-in", type=float, default=None, help="USD per 1M input tokens (overrides the table)")
-    ap.add_argument("--price-out", type=float, default=None, help="USD per 1M output tokens")
-    ap.add_argument("--est-output-tokens", type=int, default=250, help="output tokens per answer, for estimates")
+    ap.add_argument("--price-in", type=number(float, lo=0), default=None,
+                    help="USD per 1M input tokens (overrides the table)")
+    ap.add_argument("--price-out", type=number(float, lo=0), default=None, help="USD per 1M output tokens")
+    ap.add_argument("--est-output-tokens", type=pos, default=250, help="output tokens per answer, for estimates")
     return ap.parse_args(argv)
 
 
@@ -451,6 +474,7 @@ def main(argv=None):
 
     if not args.teacher and not args.direct_only:
         raise SystemExit("error: --teacher openai|synthetic is required (or --direct-only)")
+    claim_out(args)
     if args.direct_only:                               # the paper's direct data: the annotations as answers
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         done = {i[:-len("_direct")] for i in done_ids(args.out)}
@@ -519,4 +543,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -1,9 +1,9 @@
 """Stage 3a (paper §5.1): sample CoT answers from the SFT model, grade them, and build DPO pairs.
 
-    python sample.py --model runs/sft/final --data runs/syn/train.jsonl --image-root runs/syn --n 32 \\
+    python sample.py --model runs/sft/final --data runs/syn/train.jsonl --image-root runs/syn --num-samples 32 \\
         --temperature 1.0 --out runs/dpo/pairs.jsonl
     torchrun --nproc_per_node 8 sample.py --model runs/sft/final --data chartqa_train.jsonl aokvqa_train.jsonl \\
-        --image-root images --n 32 --out runs/dpo/pairs.jsonl
+        --image-root images --num-samples 32 --out runs/dpo/pairs.jsonl
 
 For each question: N CoT answers at temperature T from ONE shared prefill (model.generate(n=N)), each graded by its
 extracted answer under the dataset's metric; questions whose sample accuracy lies in [--min-acc, --max-acc]
@@ -11,20 +11,23 @@ extracted answer under the dataset's metric; questions whose sample accuracy lie
 question. Out: PAIRS in the released dpo_data format ({"id", "image", "question", "chosen", "rejected"} + the
 sampled accuracy), PAIRS.rft.jsonl (the chosen answers as SFT rows: the rejection-sampling baseline), and
 PAIRS.questions.jsonl (one line per question: accuracy, kept or why not; for the synthetic task also how many
-"correct" samples hold a wrong step). Resumable: a rerun skips questions already sampled. Under torchrun each rank
-samples every world-th question into its own part files; rank 0 merges them in question order.
+"correct" samples hold a wrong step). Each process samples every world-th question into its own part files
+(PAIRS.rank<r>.jsonl ...); rank 0 merges all parts in question order at the end. Resumable: a rerun of the same
+command (any number of processes) skips the questions already logged; PAIRS.manifest.json records the model, data
+and flags, and a run with other ones is refused (--overwrite, or a new --out); a file sampling did not write is
+never touched.
 """
 
-import argparse
 import json
 import os
 import random
-import sys
+import re
 import zlib
 
 from tqdm import tqdm
 
-from common import Dist, dtype_of, print0
+from common import (ArgumentParser, Dist, UserError, check_model_dir, claim, cli, dtype_of, file_id, model_id, number,
+                    print0, progress)
 from data.answers import grade
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
 from data.prompts import model_prompt
@@ -32,24 +35,35 @@ from model.generation import left_pad
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
+    pos = number(int, lo=1)
     ap.add_argument("--model", required=True, help="the SFT model (Hugging Face directory)")
     ap.add_argument("--data", nargs="+", required=True, help="QA record JSONL file(s)")
-    ap.add_argument("--image-root", default=".")
-    ap.add_argument("--out", required=True, help="pairs JSONL (dpo_data format)")
-    ap.add_argument("--n", type=int, default=32, help="CoT samples per question")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--min-acc", type=float, default=0.25, help="keep questions with sample accuracy >= this")
-    ap.add_argument("--max-acc", type=float, default=0.85, help="... and <= this")
-    ap.add_argument("--pairs-per-question", type=int, default=3)
-    ap.add_argument("--limit", type=int, default=None, help="first N records")
-    ap.add_argument("--batch-size", type=int, default=8, help="questions per generate call (x n samples each)")
-    ap.add_argument("--template", choices=["llava", "hf"], default="llava")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
+    ap.add_argument("--out", required=True, help="pairs JSONL (dpo_data format); side files are written beside it")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of another sampling run at --out (only files sampling wrote)")
+    ap.add_argument("--num-samples", type=pos, default=32, help="CoT samples per question (paper: 32)")
+    ap.add_argument("--temperature", type=number(float, lo=0), default=1.0, help="sampling temperature (paper: 1)")
+    ap.add_argument("--top-p", type=number(float, above=0, hi=1), default=1.0, help="nucleus sampling mass")
+    ap.add_argument("--max-new-tokens", type=pos, default=512, help="a sample that has not ended by then is wrong")
+    ap.add_argument("--min-acc", type=number(float, lo=0, hi=1), default=0.25,
+                    help="keep questions whose sample accuracy is >= this (paper: 0.25)")
+    ap.add_argument("--max-acc", type=number(float, lo=0, hi=1), default=0.85, help="... and <= this (paper: 0.85)")
+    ap.add_argument("--pairs-per-question", type=pos, default=3, help="(correct, incorrect) pairs per kept question")
+    ap.add_argument("--dev-share", type=number(float, lo=0, hi=0.5), default=0.0,
+                    help="the pairs of this share of the questions (drawn by --seed) go to PAIRS.dev.jsonl instead, "
+                         "held out for train_dpo.py --dev-pairs")
+    ap.add_argument("--limit", type=pos, default=None, help="first N records")
+    ap.add_argument("--batch-size", type=pos, default=8, help="questions per generate call (x --num-samples each)")
+    ap.add_argument("--template", choices=["llava", "hf"], default="llava", help="chat template (model/processor.py)")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--seed", type=int, default=0, help="each question samples from its own stream seeded by this")
+    args = ap.parse_args(argv)
+    if args.min_acc > args.max_acc:
+        ap.error(f"--min-acc {args.min_acc} is above --max-acc {args.max_acc}")
+    return args
 
 
 def question_seed(seed, qid):
@@ -72,46 +86,84 @@ def pair_question(rec):
     return model_prompt(rec, "cot").replace("<image>\n", "", 1)
 
 
+SUFFIXES = {"pairs": "", "rft": ".rft", "questions": ".questions"}
+
+
+def part_paths(base, rank):
+    """This rank's part files: every process appends to its own; rank 0 merges them all at the end."""
+    return {k: f"{base}{suffix}.rank{rank}.jsonl" for k, suffix in SUFFIXES.items()}
+
+
+def existing_ranks(base):
+    folder, name = os.path.split(os.path.abspath(base))
+    pattern = re.compile(re.escape(name) + r"\.questions\.rank(\d+)\.jsonl$")
+    return sorted(int(m.group(1)) for f in os.listdir(folder or ".") if (m := pattern.match(f)))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_model_dir(args.model)
     d = Dist()
     try:
         records = load_qa(args.data)
     except (FormatError, OSError) as e:
         raise SystemExit(f"error: {e}")
     records = records[:args.limit] if args.limit else records
+    dtype = dtype_of(args.dtype, d.device)
+
+    # ---------------------------------------------------------------- outputs: claimed, repaired, what is done
+    base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a directory; give the pairs file to write, e.g. {args.out}/pairs.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    ranks = existing_ranks(base)
+    created = [args.out, f"{base}.rft.jsonl", f"{base}.questions.jsonl", f"{base}.dev.jsonl"] + [
+        p for r in ranks for p in part_paths(base, r).values()]
+    fields = {"stage": "sample", "model": model_id(args.model), "data": [file_id(f) for f in args.data],
+              "dtype": str(dtype), "flags": {k: getattr(args, k) for k in (
+                  "num_samples", "temperature", "top_p", "max_new_tokens", "min_acc", "max_acc",
+                  "pairs_per_question", "template", "seed", "dev_share")}}
+    claim(f"{base}.manifest.json", fields, created, args.overwrite, act=False)
+    d.barrier()
+    if d.main:
+        claim(f"{base}.manifest.json", fields, created, args.overwrite)
+        ranks = existing_ranks(base)
+    # a kill leaves half lines and rows whose question has no log line yet: each part is repaired by its rank (rank 0
+    # takes the parts of ranks an earlier, larger run had), then every rank reads every part's log: a question done
+    # by any earlier run, with any number of processes, is not sampled again
+    for r in [d.rank] + ([r for r in ranks if r >= d.world] if d.main else []):
+        paths = part_paths(base, r)
+        repair_tail(paths["questions"])
+        drop_orphans(paths, logged(paths["questions"]))
+    d.barrier()
+    done = set().union(*(logged(part_paths(base, r)["questions"]) for r in existing_ranks(base)))
+    writers = {k: Appender(p) for k, p in part_paths(base, d.rank).items()}
+
+    # ---------------------------------------------------------------- model
     from model import LlavaNext, Processor
-    model = LlavaNext.from_pretrained(args.model, dtype=dtype_of(args.dtype, d.device), device=d.device).eval()
+    model = LlavaNext.from_pretrained(args.model, dtype=dtype, device=d.device).eval()
     proc = Processor.from_pretrained(args.model)
     eos = set(model.eos_token_ids)
     special = {proc.image_token_id} | {i for i in (proc.tokenizer.token_to_id(t) for t in (
         "<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>")) if i is not None}
 
-    base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
-    part = f".rank{d.rank}" if d.distributed else ""
-    paths = {"pairs": f"{base}{part}.jsonl" if part else args.out, "rft": f"{base}.rft{part}.jsonl",
-             "questions": f"{base}.questions{part}.jsonl"}
-    if not os.path.exists(paths["questions"]):            # a half-run without its question log starts over
-        for p in (paths["pairs"], paths["rft"]):
-            if os.path.exists(p):
-                os.remove(p)
-    repair_tail(paths["questions"])
-    done = {str(q["id"]) for _, q in read_jsonl(paths["questions"])} if os.path.exists(paths["questions"]) else set()
-    drop_orphans(paths, done)
-    writers = {k: Appender(p) for k, p in paths.items()}
+    # ---------------------------------------------------------------- sample
     # every question samples from its own seeded stream, so its samples do not depend on the batch or the number of
     # processes; batches are still fixed slices of this rank's questions, done or not, and a resumed run regenerates
     # a half-done batch whole (writing only its new questions), so even bf16's batch-shape rounding stays the same
+    n = args.num_samples
     mine = [r for i, r in enumerate(records) if i % d.world == d.rank]
     todo = sum(str(r["id"]) not in done for r in mine)
-    print0(f"{len(records)} questions, {d.world} process(es); this rank: {todo} to sample "
-           f"({args.n} CoT samples each at T={args.temperature})")
+    print0(f"{len(records)} questions ({len(done)} done before), {d.world} process(es); this rank: {todo} to sample "
+           f"({n} CoT samples each at T={args.temperature})")
     stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
     bar = tqdm(total=todo, desc="sample", unit="q", disable=not d.main, dynamic_ncols=True)
+    progress["then"] = "rerun the same command to continue (finished questions are kept)"
     for b in range(0, len(mine), args.batch_size):
         batch = mine[b:b + args.batch_size]
         if all(str(r["id"]) in done for r in batch):
             continue
+        progress["at"] = f"question {b + 1} of {len(mine)} on rank {d.rank}"
         chunk, images = [], []
         for rec in batch:
             img = None
@@ -138,22 +190,26 @@ def main(argv=None):
         ids, mask = left_pad(prompts, pad_id=0)
         out = model.generate(ids.to(d.device), pv.to(d.device) if images else None, sizes if images else None,
                              mask.to(d.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, n=args.n,
+                             top_p=args.top_p, n=n,
                              seed=[question_seed(args.seed, r["id"]) for r in chunk]).tolist()
         for k, rec in enumerate(chunk):
             if str(rec["id"]) not in done:
-                handle(rec, out[k * args.n:(k + 1) * args.n], proc, eos, special, args, writers, stats)
+                handle(rec, out[k * n:(k + 1) * n], proc, eos, special, args, writers, stats)
                 bar.update(1)
     bar.close()
     for w in writers.values():
         w.close()
     d.barrier()
-    if d.distributed and d.main:
-        merge(args.out, base, d.world, records)
     if d.main:
+        merge(args.out, base, records, args.dev_share, args.seed)
         summarize(args.out, base, stats)
     d.close()
     return 0
+
+
+def logged(path):
+    """Question ids with a line in a question log."""
+    return {str(q["id"]) for _, q in read_jsonl(path)} if os.path.exists(path) else set()
 
 
 def drop_orphans(paths, done):
@@ -214,20 +270,35 @@ def handle(rec, samples, proc, eos, special, args, writers, stats):
                                 "correct_with_wrong_steps": wrong_steps})
 
 
-def merge(out, base, world, records):
-    """Rank part files -> one file each, in question order (the same file one process would have written)."""
+def merge(out, base, records, dev_share=0.0, seed=0):
+    """Every part file (of this run and of earlier ones, whatever their process count) -> one file each, in question
+    order: the same files one uninterrupted process writes. With dev_share, the pairs of that share of the questions
+    (drawn by seed) go to PAIRS.dev.jsonl, and their RFT rows nowhere. Written to temporary files, then renamed."""
     order = {r["id"]: i for i, r in enumerate(records)}
-    for name, suffix in (("pairs", ""), ("rft", ".rft"), ("questions", ".questions")):
+    ranks = existing_ranks(base)
+
+    def dev(qid):
+        return dev_share > 0 and question_seed(seed + 2, qid) % 10_000 < dev_share * 10_000
+
+    def question(row, name):
+        return str(row.get("source_id") or row["id"]) if name == "pairs" else str(row["id"]).rsplit("-rft", 1)[0]
+
+    outputs = {}
+    for name, suffix in SUFFIXES.items():
         rows = []
-        for r in range(world):
-            p = f"{base}{suffix}.rank{r}.jsonl"
+        for r in ranks:
+            p = part_paths(base, r)[name]
             if os.path.exists(p):
                 rows += [row for _, row in read_jsonl(p)]
-        key = "source_id" if name == "pairs" else "id"
-        rows.sort(key=lambda row: (order.get(str(row.get(key, "")).rsplit("-rft", 1)[0], 0), str(row["id"])))
+        rows.sort(key=lambda row: (order.get(question(row, name), 0), str(row["id"])))
         target = out if name == "pairs" else f"{base}{suffix}.jsonl"
-        with open(target, "w") as f:
+        if name == "pairs" and dev_share > 0:
+            outputs[f"{base}.dev.jsonl"] = [row for row in rows if dev(question(row, name))]
+        outputs[target] = rows if name == "questions" else [row for row in rows if not dev(question(row, name))]
+    for target, rows in outputs.items():
+        with open(target + ".tmp", "w") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(target + ".tmp", target)
 
 
 def summarize(out, base, stats):
@@ -236,12 +307,13 @@ def summarize(out, base, stats):
     wrong = sum(q.get("correct_with_wrong_steps", 0) for q in qs if q.get("status") == "kept")
     by = {s: sum(1 for q in qs if q.get("status") == s) for s in ("kept", "too easy", "too hard")}
     pairs = sum(q.get("pairs", 0) for q in qs)
+    dev = sum(1 for _ in open(f"{base}.dev.jsonl")) if os.path.exists(f"{base}.dev.jsonl") else 0
     print(f"questions: {len(qs)} | kept {by['kept']} | too easy {by['too easy']} | too hard {by['too hard']} | "
-          f"pairs {pairs} -> {out}")
+          f"pairs {pairs} -> {out}" + (f" ({dev} held out in {base}.dev.jsonl)" if dev else ""))
     if wrong:
         print(f"outcome-correct samples with a wrong step (kept questions): {wrong} of {n_correct} "
               f"({100 * wrong / max(n_correct, 1):.0f}%)")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

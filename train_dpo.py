@@ -16,7 +16,6 @@ Checkpoints, --resume, DDP / FSDP2 and logs work as in train_sft.py. --audit-pai
 each token of N pairs coloured by its implicit reward beta * (log pi - log ref).
 """
 
-import argparse
 import html
 import json
 import os
@@ -28,60 +27,74 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import grad_sync, latest, link_final, load_for_training, load_state, save
-from common import Dist, Metrics, Skips, Timer, autocast, clip, lr_factor, precision, print0, seed_all, set_lr
+from checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
+from common import (ArgumentParser, Dist, Metrics, Skips, Timer, autocast, check_model_dir, check_out_dir, cli, clip,
+                    file_id, lr_factor, model_id, number, precision, print0, progress, seed_all, set_lr)
 from data.collate import PairDataset, balance, collate_pairs, global_batches, per_sequence, split_batch
 from data.formats import FormatError, load, validate_pair
 from model import Processor
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
+    pos, nonneg = number(int, lo=1), number(int, lo=0)
     # data
     ap.add_argument("--model", required=True, help="the SFT model: the policy's start and the frozen reference")
     ap.add_argument("--pairs", nargs="+", required=True, help="DPO pairs JSONL (dpo_data format)")
     ap.add_argument("--dev-pairs", nargs="+", default=None, help="held-out pairs for dev metrics")
-    ap.add_argument("--image-root", default=".")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--truncate-words", type=int, default=90, help="keep the first K words of each response (0: all)")
-    ap.add_argument("--max-len", type=int, default=6144)
-    ap.add_argument("--template", choices=["llava", "hf"], default="llava")
-    ap.add_argument("--pack", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--image-root", default=".", help="image paths in the pairs are relative to this")
+    ap.add_argument("--out", required=True, help="output directory: checkpoints, metrics.jsonl, rewards.png")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of another run in --out (only files a training run wrote)")
+    ap.add_argument("--truncate-words", type=number(float, lo=0), default=90,
+                    help="responses longer than K space-separated words are cut to K (paper: 90); 0 < K <= 1: that "
+                         "share of the words, at least 90; 0: no cut")
+    ap.add_argument("--max-len", type=number(int, lo=2), default=6144, help="tokens per row, image tokens included")
+    ap.add_argument("--template", choices=["llava", "hf"], default="llava", help="chat template (model/processor.py)")
+    ap.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
+                    help="pack the rows into one varlen sequence (auto: on CUDA)")
+    ap.add_argument("--workers", type=nonneg, default=2, help="DataLoader workers")
     # DPO
-    ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise")
-    ap.add_argument("--sft-weight", type=float, default=0.0, help="weight of an NLL term on the chosen (RPO)")
+    ap.add_argument("--beta", type=number(float, above=0), default=0.1, help="DPO's KL weight (paper: 0.1)")
+    ap.add_argument("--label-smoothing", type=number(float, lo=0, hi=0.49), default=0.0,
+                    help="conservative DPO's label noise")
+    ap.add_argument("--sft-weight", type=number(float, lo=0), default=0.0,
+                    help="weight of an NLL term on the chosen (RPO)")
     ap.add_argument("--precompute-ref", action="store_true",
                     help="run the reference once over the pairs and keep its log-probs, then drop it")
     # optimisation
-    ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=1, help="pairs per micro-batch per process")
-    ap.add_argument("--global-batch", type=int, default=32, help="pairs per optimizer step (sets --grad-accum)")
-    ap.add_argument("--grad-accum", type=int, default=None, help="overrides --global-batch")
-    ap.add_argument("--lr", type=float, default=5e-7)
+    ap.add_argument("--max-steps", type=pos, default=None, help="optimizer steps (default: --epochs over the pairs)")
+    ap.add_argument("--epochs", type=number(float, above=0), default=1.0, help="passes over the pairs (paper: 1)")
+    ap.add_argument("--batch-size", type=pos, default=1, help="pairs per micro-batch per process")
+    ap.add_argument("--global-batch", type=pos, default=32,
+                    help="pairs per optimizer step, which sets --grad-accum (paper: 32)")
+    ap.add_argument("--grad-accum", type=pos, default=None, help="overrides --global-batch")
+    ap.add_argument("--lr", type=number(float, above=0), default=5e-7, help="learning rate (paper: 5e-7)")
     ap.add_argument("--train-vision", action="store_true", help="train the vision tower (frozen by default)")
     ap.add_argument("--train-projector", action="store_true", help="train the projector (frozen by default)")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--warmup-ratio", type=float, default=0.03)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.0)
-    ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--grad-checkpointing", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight-decay", type=number(float, lo=0), default=0.0, help="AdamW decoupled weight decay")
+    ap.add_argument("--warmup-ratio", type=number(float, lo=0, hi=1), default=0.03,
+                    help="share of the steps with a linear warm-up (paper: 0.03)")
+    ap.add_argument("--min-lr-ratio", type=number(float, lo=0, hi=1), default=0.0, help="cosine floor")
+    ap.add_argument("--clip", type=number(float, lo=0), default=1.0, help="gradient-norm clipping (0: off)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    ap.add_argument("--seed", type=int, default=0, help="fixes the pair order (and so the run)")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2: shard each block, then the root (else DDP)")
-    ap.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective waits for a slow rank")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument("--dist-timeout", type=number(float, above=0), default=60,
+                    help="minutes a collective waits for a slow rank")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
     # checkpoints, logs
-    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
-    ap.add_argument("--save-hf-every", type=int, default=0,
+    ap.add_argument("--save-every", type=nonneg, default=0, help="checkpoint every K steps (0: only at the end)")
+    ap.add_argument("--save-hf-every", type=nonneg, default=0,
                     help="also write the Hugging Face weights into every K-th step's checkpoint (0: the final only)")
-    ap.add_argument("--keep-checkpoints", type=int, default=3)
-    ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument("--keep-checkpoints", type=pos, default=3, help="keep the newest N checkpoints")
+    ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="dtype of the saved HF weights (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint OUT/latest names")
-    ap.add_argument("--eval-every", type=int, default=0, help="dev metrics every K steps (and at the end)")
-    ap.add_argument("--log-every", type=int, default=1)
-    ap.add_argument("--audit-pairs", type=int, default=0, help="write OUT/token_rewards.html for N pairs")
+    ap.add_argument("--eval-every", type=nonneg, default=0, help="dev metrics every K steps (and at the end)")
+    ap.add_argument("--log-every", type=pos, default=1, help="log every K steps")
+    ap.add_argument("--audit-pairs", type=nonneg, default=0, help="write OUT/token_rewards.html for N pairs")
     return ap.parse_args(argv)
 
 
@@ -97,11 +110,11 @@ def dpo_loss(pc, pr, rc, rr, beta, label_smoothing=0.0):
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
+    check_model_dir(args.model)
     d = Dist(args.dist_timeout)
     seed_all(args.seed)
     cuda = d.device.type == "cuda"
     compute, save_dtype, pack = precision(args, d)
-    os.makedirs(args.out, exist_ok=True)
 
     # ---------------------------------------------------------------- data
     processor = Processor.from_pretrained(args.model)
@@ -119,6 +132,16 @@ def main(argv=None):
     if per_epoch == 0:
         raise SystemExit(f"error: {len(pairs)} pairs make no global batch of {global_size}")
     total = args.max_steps or max(1, int(args.epochs * per_epoch))
+    if args.grad_accum is None and global_size != args.global_batch:
+        print0(f"warning: --global-batch {args.global_batch} is not a multiple of {micro} pairs x {world} processes: "
+               f"each step takes {global_size} pairs")
+    check_out_dir(args.out)
+    resume = claim_run(args, d, {
+        "stage": "dpo", "model": model_id(args.model), "pairs": [file_id(f) for f in args.pairs],
+        "dev_pairs": [file_id(f) for f in args.dev_pairs or []], "global_batch": global_size, "steps": total,
+        "compute": str(compute), "flags": {k: getattr(args, k) for k in (
+            "truncate_words", "max_len", "template", "beta", "label_smoothing", "sft_weight", "lr", "train_vision",
+            "train_projector", "weight_decay", "warmup_ratio", "min_lr_ratio", "clip", "seed")}})
     lengths = [len(p["chosen"]) + len(p["rejected"]) + len(p["question"]) for p, _ in pairs]
     print0(f"{len(pairs)} pairs | global batch {global_size} = {micro} per micro-batch x {world} processes x "
            f"{accum} accumulation | {total} steps | beta {args.beta} | truncate {args.truncate_words} words | "
@@ -126,7 +149,6 @@ def main(argv=None):
     print0("config: " + json.dumps(vars(args)))
 
     # ---------------------------------------------------------------- models
-    resume = latest(args.out) if args.resume else None
 
     def configure(model):
         model.vision_tower.requires_grad_(args.train_vision)
@@ -178,7 +200,10 @@ def main(argv=None):
     timer, t0, skips = Timer(), time.time(), Skips(d)
     bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not d.main, dynamic_ncols=True)
     policy.train()
+    progress["then"] = f"rerun with --resume to continue from {os.path.basename(resume)}" if resume else \
+        "no checkpoint written yet (--save-every): a rerun with --resume starts over"
     for step in range(start, total):
+        progress["at"] = f"step {step + 1} of {total}"
         micro_list = [next(batches) for _ in range(accum)]
         n_pairs = d.all_sum(sum(m["n"] for m in micro_list)).item()
         chosen_tokens = d.all_sum(sum(m.get("chosen_supervised", 0) for m in micro_list)).item()
@@ -284,8 +309,10 @@ def ref_logps(reference, table, mb, d, like):
 
 
 def reference_key(args):
-    return [os.path.abspath(args.model), args.truncate_words, args.template] + [
-        [os.path.abspath(f), os.path.getmtime(f)] for f in args.pairs + (args.dev_pairs or [])]
+    """What the reference log-probs depend on: the reference's weight files (not its path: a symlink may be
+    re-pointed), the pair files, the truncation and the template."""
+    return [model_id(args.model), args.truncate_words, args.template] + [
+        file_id(f) for f in args.pairs + (args.dev_pairs or [])]
 
 
 def cached_reference_table(args, d):
@@ -402,4 +429,4 @@ def audit(policy, reference, dataset, collate, args, d, compute, processor):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

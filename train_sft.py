@@ -18,7 +18,6 @@ Checkpoints (every --save-every steps and at the end) hold the sharded training 
 Hugging Face weights that LlavaNext.from_pretrained and transformers load. OUT/final points at the last one.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -28,8 +27,9 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from checkpoint import grad_sync, latest, link_final, load_for_training, load_state, save
-from common import Dist, Metrics, Skips, Timer, autocast, clip, lr_factor, peak_flops, precision, print0, seed_all, set_lr
+from checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
+from common import (ArgumentParser, Dist, Metrics, Skips, Timer, autocast, check_model_dir, check_out_dir, cli, clip,
+                    file_id, lr_factor, model_id, number, peak_flops, precision, print0, progress, seed_all, set_lr)
 from data.collate import (SFTDataset, Skip, balance, collate, estimate_length, global_batches, histogram, load_rows,
                           split_batch)
 from data.formats import FormatError
@@ -37,64 +37,74 @@ from model import Processor
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
+    pos, nonneg = number(int, lo=1), number(int, lo=0)
     # data
     ap.add_argument("--model", required=True, help="Hugging Face LLaVA-NeXT directory to start from")
     ap.add_argument("--data", nargs="+", required=True, help="SFT JSONL files (ShareGPT-4o-Reasoning format)")
-    ap.add_argument("--ratios", nargs="+", type=float, default=None, help="per-file sampling ratio (default 1 each)")
+    ap.add_argument("--ratios", nargs="+", type=number(float, above=0), default=None,
+                    help="per-file sampling ratio: < 1 a seeded share, > 1 repeats (default 1 each)")
     ap.add_argument("--image-root", default=".", help="image paths in the rows are relative to this")
     ap.add_argument("--out", required=True, help="output directory: checkpoints, metrics.jsonl, loss.png")
-    ap.add_argument("--max-len", type=int, default=6144, help="tokens per sample, image tokens included")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of another run in --out (only files a training run wrote)")
+    ap.add_argument("--max-len", type=number(int, lo=2), default=6144,
+                    help="tokens per sample, image tokens included (paper: 6144)")
     ap.add_argument("--overlong", choices=["truncate", "skip"], default="truncate",
                     help="longer samples: cut in their text (never inside image tokens), or skip; counted either way")
     ap.add_argument("--template", choices=["llava", "hf"], default="llava", help="chat template (model/processor.py)")
     ap.add_argument("--pack", choices=["auto", "on", "off"], default="auto",
                     help="pack samples into one varlen sequence (auto: on CUDA; the CPU uses padded batches)")
     ap.add_argument("--no-group-by-length", action="store_true", help="plain shuffled batches")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (image decoding, anyres)")
+    ap.add_argument("--workers", type=nonneg, default=2, help="DataLoader workers (image decoding, anyres)")
     ap.add_argument("--strict", action="store_true", help="bad rows / images are errors (default: counted, skipped)")
     ap.add_argument("--check-data", action="store_true", help="validate every row and image, report, exit")
     # optimisation
-    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch per process")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--lr", type=float, default=5e-6, help="LLM learning rate (paper: 5e-6)")
-    ap.add_argument("--vision-lr", type=float, default=None, help="vision tower lr (paper: 5e-7; default lr / 10)")
-    ap.add_argument("--projector-lr", type=float, default=None, help="projector + image newline lr (default: --lr)")
+    ap.add_argument("--max-steps", type=pos, default=None, help="optimizer steps (default: --epochs over the data)")
+    ap.add_argument("--epochs", type=number(float, above=0), default=1.0, help="passes over the data (paper: 1)")
+    ap.add_argument("--batch-size", type=pos, default=4, help="samples per micro-batch per process (paper: 4 x 8)")
+    ap.add_argument("--grad-accum", type=pos, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=number(float, above=0), default=5e-6, help="LLM learning rate (paper: 5e-6)")
+    ap.add_argument("--vision-lr", type=number(float, above=0), default=None,
+                    help="vision tower lr (paper: 5e-7; default: --lr / 10)")
+    ap.add_argument("--projector-lr", type=number(float, above=0), default=None,
+                    help="projector + image newline lr (default: --lr)")
     ap.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     ap.add_argument("--freeze-projector", action="store_true", help="do not train the projector and image newline")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--warmup-ratio", type=float, default=0.03)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor, as a share of each group's lr")
-    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    ap.add_argument("--weight-decay", type=number(float, lo=0), default=0.0, help="AdamW decoupled weight decay")
+    ap.add_argument("--warmup-ratio", type=number(float, lo=0, hi=1), default=0.03,
+                    help="share of the steps with a linear warm-up (paper: 0.03)")
+    ap.add_argument("--min-lr-ratio", type=number(float, lo=0, hi=1), default=0.0,
+                    help="cosine floor, as a share of each group's lr")
+    ap.add_argument("--clip", type=number(float, lo=0), default=1.0, help="gradient-norm clipping (0: off)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="fixes the data order (and so the run)")
     # distributed, precision
     ap.add_argument("--fsdp", action="store_true", help="FSDP2: shard each block, then the root (else DDP)")
-    ap.add_argument("--dist-timeout", type=float, default=60, help="minutes a collective waits for a slow rank")
+    ap.add_argument("--dist-timeout", type=number(float, above=0), default=60,
+                    help="minutes a collective waits for a slow rank")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
     # checkpoints, logs
-    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
-    ap.add_argument("--save-hf-every", type=int, default=0,
+    ap.add_argument("--save-every", type=nonneg, default=0, help="checkpoint every K steps (0: only at the end)")
+    ap.add_argument("--save-hf-every", type=nonneg, default=0,
                     help="also write the Hugging Face weights into every K-th step's checkpoint (0: the final only)")
-    ap.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest N checkpoints")
+    ap.add_argument("--keep-checkpoints", type=pos, default=3, help="keep the newest N checkpoints")
     ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="dtype of the saved HF weights (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint OUT/latest names")
-    ap.add_argument("--log-every", type=int, default=1)
+    ap.add_argument("--log-every", type=pos, default=1, help="log every K steps")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     # ---------------------------------------------------------------- init
+    check_model_dir(args.model)
     d = Dist(args.dist_timeout)
     seed_all(args.seed)
     cuda = d.device.type == "cuda"
     compute, save_dtype, pack = precision(args, d)
-    os.makedirs(args.out, exist_ok=True)
 
     # ---------------------------------------------------------------- data
     processor = Processor.from_pretrained(args.model)
@@ -105,19 +115,25 @@ def main(argv=None):
     dataset = SFTDataset(rows, processor, args.image_root, args.max_len, args.overlong, args.template, args.strict)
     if args.check_data:
         return check_data(dataset, args)
-    lengths = cached_lengths(rows, processor, args, d)
     micro, world, accum = args.batch_size, d.world, args.grad_accum
     global_size = micro * world * accum
     per_epoch = len(rows) // global_size
     if per_epoch == 0:
         raise SystemExit(f"error: {len(rows)} rows make no global batch of {global_size}")
     total = args.max_steps or max(1, int(args.epochs * per_epoch))
+    check_out_dir(args.out)
+    resume = claim_run(args, d, {
+        "stage": "sft", "model": model_id(args.model), "data": [file_id(f) for f in args.data],
+        "global_batch": global_size, "steps": total, "compute": str(compute), "pack": pack, "flags": {
+            k: getattr(args, k) for k in ("ratios", "max_len", "overlong", "template", "no_group_by_length", "lr",
+                                          "vision_lr", "projector_lr", "freeze_vision", "freeze_projector",
+                                          "weight_decay", "warmup_ratio", "min_lr_ratio", "clip", "seed")}})
+    lengths = cached_lengths(rows, processor, args, d)
     print0(f"{len(rows)} rows | global batch {global_size} = {micro} per micro-batch x {world} processes x {accum} "
            f"accumulation | {per_epoch} steps per epoch | {total} steps | {'packed' if pack else 'padded'} batches")
     print0("config: " + json.dumps(vars(args)))
 
     # ---------------------------------------------------------------- model
-    resume = latest(args.out) if args.resume else None
 
     def configure(model):
         if args.freeze_vision:
@@ -166,7 +182,10 @@ def main(argv=None):
     bar = tqdm(total=total, initial=start, desc="sft", unit="step", disable=not d.main, dynamic_ncols=True)
     wrapped.train()
     loss = float("nan")
+    progress["then"] = f"rerun with --resume to continue from {os.path.basename(resume)}" if resume else \
+        "no checkpoint written yet (--save-every): a rerun with --resume starts over"
     for step in range(start, total):
+        progress["at"] = f"step {step + 1} of {total}"
         micro_list = [next(batches) for _ in range(accum)]
         supervised = d.all_sum(sum(m.get("supervised", 0) for m in micro_list)).item()
         nll = 0.0
@@ -300,4 +319,4 @@ def check_data(dataset, args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

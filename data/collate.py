@@ -224,7 +224,7 @@ def histogram(lengths, bins=(256, 512, 1024, 2048, 3072, 4096, 6144, 8192)):
 
 def truncate_words(text, k):
     """The first k whitespace-separated words of a response (paper: k = 90); k = 0 keeps it whole."""
-    return " ".join(text.split()[:k]) if k else text
+    return " ".join(text.split()[:int(k)]) if k else text
 
 
 class PairDataset(torch.utils.data.Dataset):

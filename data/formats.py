@@ -1,4 +1,4 @@
-"""The three JSONL formats and their validation (../shared/DESIGN.md "File formats").
+"""The three JSONL formats and their validation.
 
   QA record  {"id", "image", "question", "answers": [str], "choices": [str] | null, "dataset"} (+ any extra field,
              e.g. "meta" with the synthetic chart's data); input to distill.py, sample.py, evaluate.py
@@ -71,6 +71,8 @@ def validate_sft(obj, where):
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise FormatError(f"{where}: conversations[{i}] must be {{'from': ..., 'value': ...}}")
+        if not isinstance(turn["value"], str):
+            raise FormatError(f"{where}: conversations[{i}].value must be a string, got {type(turn['value']).__name__}")
     return obj
 
 

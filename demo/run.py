@@ -101,7 +101,7 @@ def run_seed(seed, work, base, sizes):
                    *common]], work, one)
     dpo = os.path.join(work, "dpo_data")
     stage("sample", [[py, "sample.py", "--model", f"{work}/sft_cot/final", "--data", f"{pool}/train.jsonl",
-                      "--image-root", pool, "--n", str(s["samples"]), "--temperature", "1.0", "--max-new-tokens",
+                      "--image-root", pool, "--num-samples", str(s["samples"]), "--temperature", "1.0", "--max-new-tokens",
                       str(s["new_tokens"]), "--batch-size", "16", "--out", f"{dpo}/pairs.jsonl", "--seed", str(seed)]],
           work)
     n_pairs = sum(1 for _ in open(f"{dpo}/pairs.jsonl")) if os.path.exists(f"{dpo}/pairs.jsonl") else 0

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import distill
+from common import UserError
 from conftest import ROOT, random_image
 from fake_openai import FakeOpenAI, Reply, question_of
 
@@ -255,6 +256,19 @@ def test_synthetic_teacher_end_to_end(tmp_path, capsys):
     assert distill.main(argv + ["--out", str(tmp_path / "noisy.jsonl"), "--error-rate", "0.5", "--seed", "1"]) == 0
     noisy, dropped = rows(tmp_path / "noisy.jsonl"), rows(tmp_path / "noisy.dropped.jsonl")
     assert 10 <= len(dropped) <= 40 and len(noisy) == 120 - len(dropped)
-    assert distill.main(argv + ["--out", str(tmp_path / "noisy.jsonl"), "--error-rate", "0.5"]) == 0   # resume
-    assert rows(tmp_path / "noisy.jsonl") == noisy
+    assert distill.main(argv + ["--out", str(tmp_path / "noisy.jsonl"), "--error-rate", "0.5", "--seed", "1"]) == 0
+    assert rows(tmp_path / "noisy.jsonl") == noisy                                   # the same command resumes
     assert "60 already done" in capsys.readouterr().out
+    # changed settings never resume into (and mix with) another run's rows; --overwrite replaces only its files
+    with pytest.raises(UserError, match=r"flags\.error_rate: 0\.5 -> 0\.2.*--overwrite"):
+        distill.main(argv + ["--out", str(tmp_path / "noisy.jsonl"), "--error-rate", "0.2", "--seed", "1"])
+    assert rows(tmp_path / "noisy.jsonl") == noisy
+    (tmp_path / "mine.txt").write_text("not ours")
+    assert distill.main(argv + ["--out", str(tmp_path / "noisy.jsonl"), "--error-rate", "0.2", "--seed", "1",
+                                "--overwrite"]) == 0
+    assert len(rows(tmp_path / "noisy.jsonl")) > len(noisy) and (tmp_path / "mine.txt").read_text() == "not ours"
+    # a file distill.py did not write is never appended to or emptied
+    (tmp_path / "user.jsonl").write_text('{"id": "mine"}\n')
+    with pytest.raises(UserError, match="not written by this stage"):
+        distill.main(argv + ["--out", str(tmp_path / "user.jsonl"), "--overwrite"])
+    assert (tmp_path / "user.jsonl").read_text() == '{"id": "mine"}\n'

@@ -147,7 +147,7 @@ def test_sample_py_windows_pairs_and_resumes(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(LlavaNext, "generate", fake_generate)
     out = tmp_path / "pairs.jsonl"
-    assert sample.main(["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--n", "8",
+    assert sample.main(["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--num-samples", "8",
                         "--out", str(out)]) == 0
     pairs = [json.loads(line) for line in open(out)]
     assert {p["source_id"] for p in pairs} == {recs[1]["id"], recs[2]["id"]}
@@ -159,7 +159,7 @@ def test_sample_py_windows_pairs_and_resumes(setup, tmp_path, monkeypatch):
     status = [json.loads(line)["status"] for line in open(tmp_path / "pairs.questions.jsonl")]
     assert status == ["too hard", "kept", "kept", "too easy"]
     monkeypatch.setattr(LlavaNext, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("resampled")))
-    assert sample.main(["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--n", "8",
+    assert sample.main(["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--num-samples", "8",
                         "--out", str(out)]) == 0                                         # resume: nothing to do
     assert len(open(out).readlines()) == 6
 
@@ -179,12 +179,12 @@ def test_a_resumed_sampling_run_draws_what_an_uninterrupted_one_does(setup, tmp_
     # graded by a hash of the text, so that questions land in the window and write pairs (the tiny model is never right)
     monkeypatch.setattr(sample, "grade", lambda rec, text: (text, float(zlib.crc32(text.encode()) % 2), True))
     out = tmp_path / "pairs.jsonl"
-    argv = ["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--n", "4", "--batch-size",
+    argv = ["--model", setup["sft"], "--data", str(path), "--image-root", setup["data"], "--num-samples", "4", "--batch-size",
             "2", "--max-new-tokens", "48", "--out", str(out)]
     assert sample.main(argv) == 0
     straight = dict(seen)
     files = {name: open(tmp_path / name).read() for name in ("pairs.jsonl", "pairs.rft.jsonl", "pairs.questions.jsonl")}
-    log = tmp_path / "pairs.questions.jsonl"
+    log = tmp_path / "pairs.questions.rank0.jsonl"                              # the process's own part file
     log.write_text("".join(files["pairs.questions.jsonl"].splitlines(True)[:3]))   # killed before q4's log line
     seen.clear()
     assert sample.main(argv) == 0
@@ -261,3 +261,29 @@ def test_dpo_lifts_heldout_reward_accuracy_and_writes_the_audit_page(setup, tmp_
     assert dev["dev/loss"] < math.log(2) - 0.02 and dev["dev/margin"] > 0.02 and dev["dev/accuracy"] > 0.55, dev
     page = open(out / "token_rewards.html").read()
     assert page.count("<h3>") == 3 and "title='" in page and "rgba(" in page
+
+
+def test_a_dev_share_of_the_questions_is_held_out_whole(tmp_path):
+    """--dev-share: every pair of a held-out question goes to PAIRS.dev.jsonl, its RFT rows nowhere; the split is
+    fixed by the seed, whatever the process count that wrote the parts."""
+    base = str(tmp_path / "pairs")
+    records = [{"id": f"q{i}"} for i in range(200)]
+    for rank in (0, 1):
+        paths = sample.part_paths(base, rank)
+        mine = records[rank::2]
+        with open(paths["pairs"], "w") as f:
+            f.writelines(json.dumps({"id": f"{r['id']}-p{k}", "source_id": r["id"]}) + "\n" for r in mine
+                         for k in range(2))
+        with open(paths["rft"], "w") as f:
+            f.writelines(json.dumps({"id": f"{r['id']}-rft0"}) + "\n" for r in mine)
+        with open(paths["questions"], "w") as f:
+            f.writelines(json.dumps({"id": r["id"], "status": "kept"}) + "\n" for r in mine)
+    sample.merge(base + ".jsonl", base, records, dev_share=0.1, seed=0)
+    train = [json.loads(line)["source_id"] for line in open(base + ".jsonl")]
+    dev = [json.loads(line)["source_id"] for line in open(base + ".dev.jsonl")]
+    rft = [json.loads(line)["id"].rsplit("-rft", 1)[0] for line in open(base + ".rft.jsonl")]
+    assert 8 <= len(set(dev)) <= 35 and not set(dev) & set(train) and len(train) + len(dev) == 400
+    assert set(rft) == set(train) and train == sorted(train, key=lambda q: int(q[1:]))
+    assert len(open(base + ".questions.jsonl").readlines()) == 200
+    sample.merge(base + ".jsonl", base, records, dev_share=0.1, seed=1)
+    assert [json.loads(line)["source_id"] for line in open(base + ".dev.jsonl")] != dev

@@ -1,0 +1,195 @@
+"""The command lines as users meet them: every flag survives torchrun's own parser, numbers are range-checked with
+one-line errors (exit 2), user mistakes are one line without a traceback, --help shows defaults and ranges, Ctrl-C
+says where a run stopped, and outputs of another run (or a user's own files) are never mixed in or overwritten."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import distill
+import evaluate
+import sample
+import train_dpo
+import train_sft
+from conftest import ROOT, build_tiny_model_dir
+
+SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "sample.py": sample, "evaluate.py": evaluate,
+           "distill.py": distill}
+
+
+def parser_of(module):
+    """The script's ArgumentParser, captured from its parse_args."""
+    import argparse
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        raise SystemExit(0)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            module.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return captured["parser"]
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_dpo.py", "sample.py", "evaluate.py"])
+def test_torchrun_passes_every_flag_through(script):
+    """torchrun's parser matches abbreviations anywhere on the command line: a flag of ours that is a prefix of one
+    of its options (`--n` of --nnodes / --nproc-per-node) makes `torchrun ... script.py --n 32` fail at once."""
+    from torch.distributed.run import get_args_parser
+    flags = [s for a in parser_of(SCRIPTS[script])._actions for s in a.option_strings if s.startswith("--")]
+    assert "--help" in flags and len(flags) > 5
+    for flag in flags:
+        args = get_args_parser().parse_args(["--nproc_per_node", "2", script, flag, "1"])
+        assert args.training_script == script and args.training_script_args == [flag, "1"], flag
+
+
+def run(argv, **kw):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train_sft.py", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "0"], "--batch-size: 0 is out of range"),
+    (["train_sft.py", "--model", "m", "--data", "d", "--out", "o", "--max-steps", "-5"], "--max-steps: -5 is out of"),
+    (["train_sft.py", "--model", "m", "--data", "d", "--out", "o", "--max-steps", "0"], "--max-steps: 0 is out of"),
+    (["train_sft.py", "--model", "m", "--data", "d", "--out", "o", "--lr", "-1e-3"], "--lr: -1e-3 is out of range"),
+    (["train_sft.py", "--model", "m", "--data", "d", "--out", "o", "--epochs", "two"], "'two' is not a number"),
+    (["train_dpo.py", "--model", "m", "--pairs", "p", "--out", "o", "--beta", "0"], "--beta: 0 is out of range"),
+    (["sample.py", "--model", "m", "--data", "d", "--out", "o", "--num-samples", "0"], "--num-samples: 0 is out"),
+    (["sample.py", "--model", "m", "--data", "d", "--out", "o", "--min-acc", "0.9"], "--min-acc 0.9 is above"),
+    (["distill.py", "--data", "d", "--out", "o", "--concurrency", "0"], "--concurrency: 0 is out of range"),
+    (["evaluate.py", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "0"], "--batch-size: 0 is out"),
+])
+def test_numbers_are_checked_with_one_line_errors(argv, message):
+    out = run(argv)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_help_shows_defaults_ranges_and_the_papers_values():
+    text = " ".join(run(["train_sft.py", "--help"]).stdout.split())
+    assert "default: 5e-06" in text and "paper: 5e-6" in text and "range: > 0" in text
+    text = " ".join(run(["sample.py", "--help"]).stdout.split())
+    assert "--num-samples" in text and "paper: 32" in text and "default: 32" in text
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model_dir(str(tmp_path_factory.mktemp("cli")), n_train=16, n_test=4)
+
+
+def test_user_mistakes_are_one_line_without_traceback(tiny, tmp_path):
+    model, data, sft = tiny
+    cases = [
+        (["train_sft.py", "--model", "/nonexistent", "--data", sft, "--out", str(tmp_path / "o")],
+         "--model /nonexistent: no such directory"),
+        (["train_sft.py", "--model", data, "--data", sft, "--out", str(tmp_path / "o")], "no config.json"),
+        (["sample.py", "--model", "/nonexistent", "--data", sft, "--out", str(tmp_path / "p.jsonl")],
+         "no such directory"),
+    ]
+    (tmp_path / "afile").write_text("x")
+    cases.append((["train_sft.py", "--model", model, "--data", sft, "--out", str(tmp_path / "afile")], "is a file"))
+    bad = tmp_path / "bad.jsonl"
+    row = json.loads(open(sft).readline())
+    row["conversations"][1]["value"] = 42
+    bad.write_text(json.dumps(row) + "\n")
+    cases.append((["train_sft.py", "--model", model, "--data", str(bad), "--out", str(tmp_path / "o2")],
+                  "bad.jsonl:1: conversations[1].value must be a string"))
+    cases.append((["train_sft.py", "--model", model, "--data", str(bad), "--out", str(tmp_path / "o3"),
+                   "--check-data"], "conversations[1].value must be a string"))
+    for argv, message in cases:
+        out = run(argv)
+        assert out.returncode == 2 and message in out.stderr, (argv, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, out.stderr
+    debug = run(cases[0][0] + ["--debug"])
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tiny, tmp_path):
+    model, data, sft = tiny
+    proc = subprocess.Popen([sys.executable, "-u", "train_sft.py", "--model", model, "--data", sft, "--image-root",
+                             data, "--out", str(tmp_path / "run"), "--max-steps", "1000", "--batch-size", "2",
+                             "--save-every", "2", "--workers", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("saved "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "rerun with --resume to continue from checkpoint-" in last, err
+    assert "Traceback" not in err
+
+
+def test_training_never_mixes_runs_and_resumes_what_latest_names(tiny, tmp_path):
+    model, data, sft = tiny
+    out = tmp_path / "run"
+    base = ["--model", model, "--data", sft, "--image-root", data, "--out", str(out), "--workers", "0",
+            "--batch-size", "4", "--save-every", "2"]
+    assert train_sft.main(base + ["--max-steps", "4"]) == 0
+    from common import UserError
+    with pytest.raises(UserError, match="already holds this run's outputs: --resume continues it"):
+        train_sft.main(base + ["--max-steps", "4"])
+    with pytest.raises(UserError, match=r"flags\.lr: 5e-06 -> 0\.001.*--overwrite"):
+        train_sft.main(base + ["--max-steps", "4", "--lr", "1e-3"])
+    (out / "notes.txt").write_text("mine")
+    assert train_sft.main(base + ["--max-steps", "2", "--lr", "1e-3", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"                    # not a training output: kept
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-000002"]
+    # a stale checkpoint (from an older run, a copy) is never resumed: OUT/latest is
+    os.rename(out / "checkpoint-000002", out / "checkpoint-000002x")
+    import shutil
+    shutil.copytree(out / "checkpoint-000002x", out / "checkpoint-000002")
+    shutil.copytree(out / "checkpoint-000002x", out / "checkpoint-000009")
+    shutil.rmtree(out / "checkpoint-000002x")
+    log = subprocess.run([sys.executable, "train_sft.py", *base, "--max-steps", "2", "--lr", "1e-3", "--resume"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert log.returncode == 0 and "checkpoint-000002 at step 2" in log.stdout, log.stdout + log.stderr
+    assert "checkpoint-000009" not in log.stdout
+    (out / "latest").write_text("checkpoint-000007\n")
+    with pytest.raises(SystemExit, match="checkpoint-000007"):
+        train_sft.main(base + ["--max-steps", "2", "--lr", "1e-3", "--resume"])
+
+
+def test_sampling_never_empties_a_file_it_did_not_write(tiny, tmp_path):
+    model, data, _ = tiny
+    mine = tmp_path / "existing.jsonl"
+    mine.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(389)))
+    from common import UserError
+    with pytest.raises(UserError, match="not written by this stage"):
+        sample.main(["--model", model, "--data", os.path.join(data, "test.jsonl"), "--image-root", data,
+                     "--out", str(mine), "--num-samples", "2", "--max-new-tokens", "4"])
+    assert len(mine.read_text().splitlines()) == 389
+
+
+def test_the_reference_cache_follows_the_weights_not_the_path(tiny, tmp_path):
+    """--precompute-ref's cache key: a symlink re-pointed at another checkpoint, or weights rewritten in place, are
+    another reference (the path alone kept the stale log-probs: a first loss of 0.72 instead of ln 2)."""
+    import shutil
+    from argparse import Namespace
+    model = tiny[0]
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(model, a)
+    shutil.copytree(model, b)
+    (tmp_path / "sft").symlink_to(a)
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("{}\n")
+    args = Namespace(model=str(tmp_path / "sft"), truncate_words=90, template="llava", pairs=[str(pairs)],
+                     dev_pairs=None)
+    key = train_dpo.reference_key(args)
+    assert train_dpo.reference_key(args) == key
+    (tmp_path / "sft").unlink()
+    (tmp_path / "sft").symlink_to(b)
+    assert train_dpo.reference_key(args) != key
+    (tmp_path / "sft").unlink()
+    (tmp_path / "sft").symlink_to(a)
+    os.utime(a / "model.safetensors", (1, 1))                # the weights rewritten in place
+    assert train_dpo.reference_key(args) != key
