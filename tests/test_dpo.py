@@ -15,7 +15,7 @@ import sample
 import train_dpo
 import train_sft
 from conftest import build_tiny_model_dir
-from data.collate import PairDataset, collate_pairs, per_sequence
+from data.collate import PairDataset, collate_pairs, per_sequence, truncate_words
 from data.synthetic import teacher
 from model import LlavaNext, Processor
 from test_sft import torchrun
@@ -209,6 +209,32 @@ def test_rows_of_a_question_without_its_log_line_are_dropped_on_resume(tmp_path)
     sample.drop_orphans(paths, {"a-1"})
     assert [json.loads(line)["source_id"] for line in open(paths["pairs"])] == ["a-1", "a-1"]
     assert [json.loads(line)["id"] for line in open(paths["rft"])] == ["a-1-rft0"]
+
+
+def test_truncation_is_the_paper_trainers_cut():
+    """run_dpo.py's maybe_truncate (LLaVA-Reasoner-DPO): pieces = text.split(' '); k > 1 keeps the first k pieces only
+    when there are more, so a short response stays byte for byte; 0 < k <= 1 keeps max(int(k * n), 90) pieces."""
+    short = "The bar for B reads 6.\nSo the answer is 6.\n\n### Answer: 6"      # 12 pieces: '6.\nSo', '6.\n\n###'
+    assert truncate_words(short, 90) == short and truncate_words(short, 12) == short
+    assert truncate_words(short, 11) == "The bar for B reads 6.\nSo the answer is 6.\n\n### Answer:"
+    assert truncate_words(short, 10) == "The bar for B reads 6.\nSo the answer is 6.\n\n###"
+    assert truncate_words(short, 0) == short
+    body = " ".join(f"w{i}" for i in range(95))
+    long = body + "\n\n### Answer: 6"                                             # 97 pieces
+    assert truncate_words(long, 90) == " ".join(f"w{i}" for i in range(90))
+    assert truncate_words(long, 95) == body + "\n\n###" and truncate_words(long, 96) == body + "\n\n### Answer:"
+    assert truncate_words(long, 97) == long
+    # double spaces and newlines: an empty piece counts as a piece, a newline does not split
+    assert truncate_words("a  b\nc d", 2) == "a " and truncate_words("a  b\nc d", 3) == "a  b\nc"
+    assert truncate_words("a  b\nc d", 4) == "a  b\nc d"
+    assert truncate_words(long, 90.7) == truncate_words(long, 90)                     # int(k)
+    # a share: max(int(k * n), 90) pieces
+    many = " ".join(f"w{i}" for i in range(300))
+    assert truncate_words(many, 0.5) == " ".join(f"w{i}" for i in range(150))
+    assert truncate_words(long, 0.5) == " ".join(f"w{i}" for i in range(90))        # int(48.5) < 90: 90 pieces
+    assert truncate_words(short, 0.5) == short and truncate_words(many, 1) == many
+    with pytest.raises(ValueError):
+        truncate_words(short, -1)
 
 
 def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(setup):
