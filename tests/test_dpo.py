@@ -110,6 +110,42 @@ def test_gradients_match_plain_torch(setup, backend, monkeypatch):
         torch.testing.assert_close(ours[n], plain[n], atol=2e-6, rtol=1e-4, msg=n)
 
 
+def grade_question(right, wrong, unfinished, min_acc=0.25):
+    """sample.handle on scripted samples of one chartqa question (gold 6): token k decodes to text k, EOS = 0 stops a
+    sample; an unfinished one has no EOS. Returns (question log line, pairs)."""
+    from types import SimpleNamespace
+    texts = {1: "It reads 6.\n\n### Answer: 6"}
+    samples = [[1, 0] for _ in range(right)]
+    for j in range(wrong):
+        texts[10 + j] = f"It reads {20 + j}.\n\n### Answer: {20 + j}"
+        samples.append([10 + j, 0])
+    for j in range(unfinished):
+        texts[100 + j] = f"It reads {90 + j} and then on and"
+        samples.append([100 + j] * 3)
+    proc = SimpleNamespace(decode=lambda ids: "".join(texts[t] for t in ids))
+    written = {"pairs": [], "rft": [], "questions": []}
+    writers = {k: SimpleNamespace(write=lambda *rows, k=k: written[k].extend(rows)) for k in written}
+    rec = {"id": "q", "image": None, "question": "What is B?", "answers": ["6"], "choices": None, "dataset": "chartqa"}
+    args = SimpleNamespace(min_acc=min_acc, max_acc=0.85, pairs_per_question=3, seed=0)
+    stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
+    sample.handle(rec, samples, proc, {0}, set(), args, writers, stats)
+    assert stats["dropped samples"] == unfinished
+    return written["questions"][0], written["pairs"]
+
+
+def test_sample_accuracy_counts_unfinished_samples_as_wrong():
+    """The paper grades all N samples: 6 right + 18 wrong + 8 unfinished of 32 is 6/32 = 0.19, below the 0.25 window
+    (not 6/24 = 0.25); unfinished samples are never rejected answers."""
+    log, pairs = grade_question(6, 18, 8)
+    assert log["accuracy"] == 6 / 32 and log["status"] == "too hard" and pairs == []
+    assert log["dropped"] == 8 and log["samples"] == 32 and log["graded"] == 24
+    log, pairs = grade_question(12, 12, 8)
+    assert log["accuracy"] == 12 / 32 and log["status"] == "kept" and len(pairs) == 3
+    assert all(p["chosen"].endswith("### Answer: 6") and "then on" not in p["rejected"] for p in pairs)
+    log, pairs = grade_question(12, 0, 20)                  # in the window, but every wrong sample is cut off
+    assert log["accuracy"] == 12 / 32 and log["status"] == "no pair" and pairs == []
+
+
 def test_pair_building_window_cap_determinism():
     correct, incorrect = [f"c{i}" for i in range(5)], [f"w{i}" for i in range(2)]
     a = sample.build_pairs(correct, incorrect, 3, random.Random(1))
