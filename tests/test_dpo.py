@@ -288,6 +288,27 @@ def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(setup):
     assert len(PairDataset([(pair, "x")], proc, setup["data"], truncate=0)[0]["chosen"][1].ne(-100).nonzero()) == 120
 
 
+def test_identical_pairs_are_dropped_and_an_all_skipped_step_says_why(setup, tmp_path, capsys):
+    """A pair whose chosen equals the rejected (byte for byte, or once cut to 90 words) is dropped at load with a
+    count; a step whose 8 pairs all lack their image logs the skip and its reason, not `loss 0.0000`."""
+    good = [json.loads(line) for line in open(setup["pairs"])][:8]
+    missing = [dict(p, id=f"m{k}", image="images/missing.png") for k, p in enumerate(good)]
+    long = " ".join(f"w{i}" for i in range(95))
+    same = [dict(good[0], id="same", rejected=good[0]["chosen"]),
+            dict(good[0], id="same90", chosen=long + "\n\n### Answer: 6", rejected=long + "\n\n### Answer: 7")]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in missing + same))
+    argv = dpo_args(setup, tmp_path / "d", "--max-steps", "1")
+    argv[argv.index("--pairs") + 1] = str(path)
+    assert train_dpo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dropped 2 pairs whose chosen equals the rejected" in out
+    (row,) = rows(tmp_path / "d")
+    assert "loss" not in row and row["skipped"] == 8 and row["skip_reasons"] == {"image not found": 8}
+    assert "step 1/1 | no pair trained: all 8 skipped (image not found: 8)" in out and "loss 0.0000" not in out
+    assert "chosen equals rejected (dropped at load): 2" in out and "image not found: 8" in out
+
+
 def test_two_processes_and_precomputed_reference_equal_one_live(setup, tmp_path):
     common = ["--max-steps", "4"]
     train_dpo.main(dpo_args(setup, tmp_path / "live", *common))
