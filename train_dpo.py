@@ -287,10 +287,11 @@ def step_line(row, total):
     """The one-line log of a step; a step whose pairs were all skipped says so, and why, instead of a loss."""
     if "loss" not in row:
         why = ", ".join(f"{k}: {v}" for k, v in row["skip_reasons"].items())
-        return f"step {row['step']}/{total} | no pair trained: all {row['skipped']} skipped ({why}) | lr {row['lr']:.1e}"
+        return (f"step {row['step']}/{total} | no pair trained: all {row['skipped']} skipped ({why}) | "
+                f"lr {row['lr']:.1e}")
     return (f"step {row['step']}/{total} | loss {row['loss']:.4f} | acc {row['rewards/accuracy']:.2f} | margin "
-            f"{row['rewards/margin']:.3f} | chosen {row['rewards/chosen']:+.3f} | rejected {row['rewards/rejected']:+.3f}"
-            f" | lr {row['lr']:.1e} | pairs/s {row['pairs_s']:.1f}"
+            f"{row['rewards/margin']:.3f} | chosen {row['rewards/chosen']:+.3f} | rejected "
+            f"{row['rewards/rejected']:+.3f} | lr {row['lr']:.1e} | pairs/s {row['pairs_s']:.1f}"
             + (f" | skipped {row['skipped']}" if row.get("skipped") else ""))
 
 
