@@ -344,3 +344,26 @@ def test_dpo_lifts_heldout_reward_accuracy_and_writes_the_audit_page(setup, tmp_
     assert dev["dev/loss"] < math.log(2) - 0.02 and dev["dev/margin"] > 0.02 and dev["dev/accuracy"] > 0.55, dev
     page = open(out / "token_rewards.html").read()
     assert page.count("<h3>") == 3 and "title='" in page and "rgba(" in page
+
+
+def test_every_file_a_run_writes_is_0644(setup, tmp_path):
+    """Weights, configs, metrics, the reference table, the token-reward page, the DCP state: plain 0644 files (the
+    old safetensors writer left model.safetensors 0600, unreadable to the rest of a team), directories 0755."""
+    import stat
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "d"
+        train_dpo.main(dpo_args(setup, out, "--max-steps", "1", "--precompute-ref", "--dev-pairs", setup["dev"],
+                                "--audit-pairs", "1"))
+    finally:
+        os.umask(old)
+    modes = {}
+    for top, dirs, files in os.walk(out):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                modes[os.path.relpath(path, out)] = stat.S_IMODE(os.stat(path).st_mode)
+    kinds = {os.path.splitext(p)[1] for p in modes}
+    assert {".safetensors", ".json", ".jsonl", ".html", ".pt", ".distcp"} <= kinds, kinds
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if os.path.isdir(out / p) else 0o644)}
+    assert not wrong, wrong
