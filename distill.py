@@ -51,6 +51,56 @@ class RecordFailed(Exception):
     """This record failed (after retries); the run goes on and a rerun tries it again."""
 
 
+FIRST_REQUESTS = 10        # the first this many requests all failing to connect stop the run
+CONNECT_TIMEOUT = 10.0     # seconds to open a connection: a host that never answers fails in this, not in --timeout
+DEFAULT_URL = "https://api.openai.com/v1"
+
+
+def api_url(args):
+    """The server the requests go to, as the openai client resolves it (never holding the key)."""
+    return scrub(args.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_URL)
+
+
+def cannot_connect(err):
+    """A request that never reached the server: refused, unresolvable, unreachable, or a connect timeout (a read
+    timeout means that the server is there, only slow)."""
+    import openai
+    if isinstance(err, openai.APITimeoutError):
+        return type(err.__cause__).__name__ == "ConnectTimeout"
+    return isinstance(err, openai.APIConnectionError)
+
+
+class Health:
+    """Whether the server answers at all. Counts the requests that could not connect, and stops the run (Fatal) when
+    the first FIRST_REQUESTS requests all fail to connect, or when no request has succeeded for max_time seconds
+    while requests kept failing. Until the server has answered once, a failed connection is not retried: a refused
+    connection is refused again, and the backoff would cost each request about 46 s before it gave up."""
+
+    def __init__(self, url, max_time):
+        self.url, self.max_time = url, max_time
+        self.answered = False                        # some HTTP response came back: the server is there
+        self.connect_failures = 0                    # requests that failed for want of a connection
+        self.last_ok = time.monotonic()              # the last success (or the start)
+
+    def ok(self):
+        self.answered, self.last_ok = True, time.monotonic()
+
+    def time_left(self):
+        return self.max_time - (time.monotonic() - self.last_ok)
+
+    def connect_failed(self, err):
+        self.connect_failures += 1
+        if not self.answered and self.connect_failures >= FIRST_REQUESTS:
+            raise Fatal(f"cannot connect to {self.url}: the first {self.connect_failures} requests all failed "
+                        f"({type(err).__name__}: {scrub(str(err))}); check that a server listens there (--base-url)")
+
+    def check(self, err):
+        """After a failed try: stop when nothing has succeeded for max_time seconds."""
+        if self.time_left() <= 0:
+            raise Fatal(f"no request to {self.url} has succeeded for {self.max_time:g} s (--max-retry-time); last "
+                        f"error: {type(err).__name__}: {scrub(str(err))}")
+
+
 def scrub(text):
     key = os.environ.get("OPENAI_API_KEY")
     return text.replace(key, "***") if key else text
@@ -224,25 +274,31 @@ def retry_after(err):
     return None
 
 
-async def ask(client, rec, args, image_url):
-    return await chat(client, messages(rec, args, image_url), args)
+async def ask(client, rec, args, image_url, health=None):
+    return await chat(client, messages(rec, args, image_url), args, health)
 
 
-async def chat(client, msgs, args):
+async def chat(client, msgs, args, health=None):
     """One chat completion with retries: 429 / 5xx / timeouts / malformed bodies back off (Retry-After honoured);
     401 / 403 / 404 stop the run. args: model, max_tokens, temperature, timeout, max_retries, backoff, max_backoff.
-    Also used by MathVista's GPT answer extraction (data/gpt_extract.py)."""
+    With a Health, failed connections are counted and can stop the run (see Health). Also used by MathVista's GPT
+    answer extraction (data/gpt_extract.py)."""
     import openai
     last = None
+    timeout = openai.Timeout(args.timeout, connect=min(args.timeout, CONNECT_TIMEOUT))
     for attempt in range(args.max_retries + 1):
         try:
             resp = await client.chat.completions.create(
                 model=args.model, messages=msgs, max_tokens=args.max_tokens,
-                temperature=args.temperature, timeout=args.timeout)
+                temperature=args.temperature, timeout=timeout)
+            if health:
+                health.answered = True
             text = resp.choices[0].message.content
             if not isinstance(text, str) or not text.strip():
                 raise RecordFailed("empty response")
             u = resp.usage
+            if health:
+                health.ok()
             return text, {"prompt_tokens": getattr(u, "prompt_tokens", 0) or 0,
                           "completion_tokens": getattr(u, "completion_tokens", 0) or 0}
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
@@ -253,22 +309,35 @@ async def chat(client, msgs, args):
             last, wait = e, retry_after(e)
         except (openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError) as e:
             last, wait = e, retry_after(e)
+            if health and cannot_connect(e) and not health.answered:
+                health.connect_failed(e)              # Fatal at the FIRST_REQUESTS-th
+                raise RecordFailed(f"cannot connect to {health.url}: {type(e).__name__}: {scrub(str(e))}") from None
         except openai.APIStatusError as e:            # other 4xx (400 bad request ...): this record only
+            if health:
+                health.answered = True
             raise RecordFailed(f"{e.status_code}: {scrub(str(e))}") from None
         except (openai.APIResponseValidationError, ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
             last, wait = e, None                      # a malformed body: try again
+        if health:
+            health.answered = health.answered or not cannot_connect(last)
+            health.check(last)                        # Fatal when nothing has succeeded for --max-retry-time
         if attempt == args.max_retries:
             break
         backoff = min(args.max_backoff, args.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
-        await asyncio.sleep(wait if wait is not None else backoff)
+        wait = wait if wait is not None else backoff
+        await asyncio.sleep(min(wait, max(health.time_left(), 0.0) + 0.01) if health else wait)
+    if health and cannot_connect(last):
+        health.connect_failed(last)
     raise RecordFailed(f"gave up after {args.max_retries} retries: {type(last).__name__}: {scrub(str(last))}")
 
 
 async def run_live(pending, args, sink, rates, budget_left):
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=args.base_url, max_retries=0, timeout=args.timeout)
+    health = Health(api_url(args), args.max_retry_time)
     queue = list(reversed(pending))
-    state = {"fatal": None, "budget": False, "in_flight": 0.0, "shown": 0.0}
+    state = {"fatal": None, "budget": False, "in_flight": 0.0, "shown": 0.0, "health": health, "first_error": None}
+    tasks = []
     bar = tqdm(total=len(pending), desc="distill", unit="q", dynamic_ncols=True)
 
     async def worker():
@@ -291,12 +360,17 @@ async def run_live(pending, args, sink, rates, budget_left):
                     continue
             state["in_flight"] += est
             try:
-                text, usage = await ask(client, rec, args, image_url)
+                text, usage = await ask(client, rec, args, image_url, health)
                 sink.result(rec, text, usage)
             except RecordFailed as e:
                 sink.fail(rec, e)
+                state["first_error"] = state["first_error"] or scrub(str(e))
             except Fatal as e:
-                state["fatal"] = str(e)
+                sink.fail(rec, e)
+                state["fatal"] = state["fatal"] or str(e)
+                for t in tasks:                        # the others' requests are not written: a rerun redoes them
+                    if t is not asyncio.current_task():
+                        t.cancel()
             finally:
                 state["in_flight"] -= est
             bar.update(1)
@@ -305,9 +379,13 @@ async def run_live(pending, args, sink, rates, budget_left):
                 bar.set_postfix(kept=sink.counts["kept"], dropped=sink.counts["filtered"] + sink.counts["no marker"],
                                 failed=sink.counts["failed"], cost=f"${cost(sink.usage, rates):.2f}")
 
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    tasks += [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
     bar.close()
     await client.close()
+    for r in results:                                  # a bug in a worker still surfaces
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+            raise r
     return state
 
 
@@ -457,6 +535,8 @@ def parse_args(argv=None):
                     help="USD per 1M input tokens (overrides the table)")
     ap.add_argument("--price-out", type=number(float, lo=0), default=None, help="USD per 1M output tokens")
     ap.add_argument("--est-output-tokens", type=pos, default=250, help="output tokens per answer, for estimates")
+    ap.add_argument("--max-retry-time", type=number(float, above=0), default=300.0,
+                    help="stop the run once no request has succeeded for this many seconds")
     return ap.parse_args(argv)
 
 
@@ -513,7 +593,12 @@ def main(argv=None):
     if args.teacher == "synthetic":
         run_synthetic(pending, args, sink)
     elif args.batch_api:
-        status = run_batch(pending, args, sink)
+        import openai
+        try:
+            status = run_batch(pending, args, sink)
+        except openai.APIConnectionError as e:
+            status = {"fatal": f"cannot connect to {api_url(args)} ({type(e).__name__}: {scrub(str(e))}); check "
+                               "that a server listens there (--base-url)"}
     else:
         budget_left = None if args.max_cost is None else args.max_cost - before
         status = asyncio.run(run_live(pending, args, sink, rates, budget_left))
@@ -523,8 +608,10 @@ def main(argv=None):
     dt = time.time() - t0
     c = sink.counts
     done = sum(c.values()) - c["failed"]
+    no_connect = status["health"].connect_failures if status.get("health") else 0
     print(f"kept {c['kept']} | filtered {c['filtered']} (answer mismatch) + {c['no marker']} (no marker) | "
-          f"bad images {c['bad image']} | failed {c['failed']} (retried on rerun) | {dt:.1f}s, "
+          f"bad images {c['bad image']} | failed {c['failed']}"
+          f"{f' ({no_connect} could not connect)' if no_connect else ''} (retried on rerun) | {dt:.1f}s, "
           f"{(done + c['failed']) / max(dt, 1e-9):.1f} req/s")
     if args.teacher == "openai":
         u = sink.usage
@@ -532,8 +619,13 @@ def main(argv=None):
               f"${cost(u, rates):.2f}, all runs ${before + cost(u, rates):.2f}")
     print(f"wrote {sink.paths['out']} (audit: {sink.paths['dropped']})")
     if status.get("fatal"):
-        print(f"error: {status['fatal']}\nstopped; finished answers are kept, rerun the same command to resume",
+        print(f"error: {status['fatal']}; stopped (finished answers are kept: rerun the same command to resume)",
               file=sys.stderr)
+        return 2
+    if c["failed"] and not (c["kept"] + c["filtered"] + c["no marker"]):     # never a silent 0 with nothing done
+        first = f" (first: {status['first_error']})" if status.get("first_error") else ""
+        print(f"error: all {c['failed']} requests to {api_url(args)} failed{first}; nothing was written (see "
+              f"{sink.paths['failed']})", file=sys.stderr)
         return 2
     if status.get("budget"):
         print(f"stopped at the --max-cost budget (${args.max_cost:.2f}); finished answers are kept, rerun with a "

@@ -230,7 +230,9 @@ def drop_orphans(paths, done):
 
 
 def handle(rec, samples, proc, eos, special, args, writers, stats):
-    """Grade one question's samples, window it by accuracy, write its pairs, RFT rows and log line."""
+    """Grade one question's samples, window it by accuracy, write its pairs, RFT rows and log line. The accuracy is
+    over all N samples, as the paper grades them: a sample that never stops (or holds an image / control token)
+    counts as wrong, but is never a rejected answer, since it is cut off rather than wrong in its reasoning."""
     correct, incorrect, wrong_steps, dropped = [], [], 0, 0
     for row in samples:
         stop = next((i for i, t in enumerate(row) if t in eos), None)
@@ -247,10 +249,10 @@ def handle(rec, samples, proc, eos, special, args, writers, stats):
         else:
             incorrect.append(text)
     graded = len(correct) + len(incorrect)
-    acc = len(correct) / graded if graded else 0.0
+    acc = len(correct) / len(samples) if samples else 0.0
     stats["dropped samples"] += dropped
-    status = "kept" if graded and args.min_acc <= acc <= args.max_acc and correct and incorrect else \
-        "too easy" if acc > args.max_acc else "too hard"
+    status = "too easy" if acc > args.max_acc else "too hard" if acc < args.min_acc else \
+        "kept" if correct and incorrect else "no pair"     # in the window, but every wrong sample is unfinished
     pairs = []
     if status == "kept":
         rng = random.Random(question_seed(args.seed + 1, rec["id"]))
@@ -263,10 +265,10 @@ def handle(rec, samples, proc, eos, special, args, writers, stats):
                                 "conversations": [{"from": "human", "value": model_prompt(rec, "cot")},
                                                   {"from": "gpt", "value": c}]}
                                for k, c in enumerate(dict.fromkeys(c for c, _ in pairs))])
-    stats[status] += 1
+    stats[status] = stats.get(status, 0) + 1
     stats["pairs"] += len(pairs)
-    writers["questions"].write({"id": rec["id"], "status": status, "accuracy": acc, "graded": graded,
-                                "correct": len(correct), "dropped": dropped, "pairs": len(pairs),
+    writers["questions"].write({"id": rec["id"], "status": status, "accuracy": acc, "samples": len(samples),
+                                "graded": graded, "correct": len(correct), "dropped": dropped, "pairs": len(pairs),
                                 "correct_with_wrong_steps": wrong_steps})
 
 
@@ -305,11 +307,16 @@ def summarize(out, base, stats):
     qs = [q for _, q in read_jsonl(f"{base}.questions.jsonl")] if os.path.exists(f"{base}.questions.jsonl") else []
     n_correct = sum(q.get("correct", 0) for q in qs if q.get("status") == "kept")
     wrong = sum(q.get("correct_with_wrong_steps", 0) for q in qs if q.get("status") == "kept")
-    by = {s: sum(1 for q in qs if q.get("status") == s) for s in ("kept", "too easy", "too hard")}
+    by = {s: sum(1 for q in qs if q.get("status") == s) for s in ("kept", "too easy", "too hard", "no pair")}
     pairs = sum(q.get("pairs", 0) for q in qs)
     dev = sum(1 for _ in open(f"{base}.dev.jsonl")) if os.path.exists(f"{base}.dev.jsonl") else 0
     print(f"questions: {len(qs)} | kept {by['kept']} | too easy {by['too easy']} | too hard {by['too hard']} | "
-          f"pairs {pairs} -> {out}" + (f" ({dev} held out in {base}.dev.jsonl)" if dev else ""))
+          + (f"in the window but no pair {by['no pair']} | " if by["no pair"] else "")
+          + f"pairs {pairs} -> {out}" + (f" ({dev} held out in {base}.dev.jsonl)" if dev else ""))
+    unfinished, n = sum(q.get("dropped", 0) for q in qs), sum(q.get("samples", 0) for q in qs)
+    if unfinished:
+        print(f"unfinished samples (no stop token within --max-new-tokens, or an image / control token): {unfinished}"
+              f"{f' of {n}' if n else ''}; graded wrong, never used as rejected answers")
     if wrong:
         print(f"outcome-correct samples with a wrong step (kept questions): {wrong} of {n_correct} "
               f"({100 * wrong / max(n_correct, 1):.0f}%)")

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
 from common import (ArgumentParser, Dist, Metrics, Skips, Timer, autocast, check_model_dir, check_out_dir, cli, clip,
                     file_id, lr_factor, model_id, number, precision, print0, progress, seed_all, set_lr)
-from data.collate import PairDataset, balance, collate_pairs, global_batches, per_sequence, split_batch
+from data.collate import (PairDataset, balance, collate_pairs, global_batches, per_sequence, split_batch,
+                          truncate_words)
 from data.formats import FormatError, load, validate_pair
 from model import Processor
 
@@ -123,6 +124,11 @@ def main(argv=None):
         dev = [(p, f"dev pair {p['id']}") for p in load(args.dev_pairs, validate_pair)] if args.dev_pairs else []
     except (FormatError, OSError) as e:
         raise SystemExit(f"error: {e}")
+    pairs, same = drop_identical(pairs, args.truncate_words)
+    dev, dev_same = drop_identical(dev, args.truncate_words)
+    if same or dev_same:
+        print0(f"dropped {same} pairs{f' and {dev_same} dev pairs' if dev_same else ''} whose chosen equals the "
+               f"rejected once cut to --truncate-words {args.truncate_words} (a zero gradient at loss ln 2)")
     dataset = PairDataset(pairs, processor, args.image_root, args.truncate_words, args.template, args.max_len)
     dev_set = PairDataset(dev, processor, args.image_root, args.truncate_words, args.template, args.max_len)
     micro, world = args.batch_size, d.world
@@ -198,6 +204,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- loop
     metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
     timer, t0, skips = Timer(), time.time(), Skips(d)
+    if same and d.main:                                 # counted once (every rank dropped the same pairs)
+        skips.counts["chosen equals rejected (dropped at load)"] = same
     bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not d.main, dynamic_ncols=True)
     policy.train()
     progress["then"] = f"rerun with --resume to continue from {os.path.basename(resume)}" if resume else \
@@ -205,7 +213,8 @@ def main(argv=None):
     for step in range(start, total):
         progress["at"] = f"step {step + 1} of {total}"
         micro_list = [next(batches) for _ in range(accum)]
-        n_pairs = d.all_sum(sum(m["n"] for m in micro_list)).item()
+        n_pairs, n_skipped = d.all_sum([sum(m["n"] for m in micro_list),
+                                        sum(len(m["skipped"]) for m in micro_list)]).tolist()
         chosen_tokens = d.all_sum(sum(m.get("chosen_supervised", 0) for m in micro_list)).item()
         sums = torch.zeros(7, dtype=torch.float64)         # loss, r_chosen, r_rejected, correct, margin, pc, pr
         for k, mb in enumerate(micro_list):
@@ -231,15 +240,18 @@ def main(argv=None):
                "rewards/rejected": float(sums[2]), "rewards/accuracy": float(sums[3]), "rewards/margin": float(sums[4]),
                "logps/chosen": float(sums[5]), "logps/rejected": float(sums[6]), "lr": optimizer.param_groups[0]["lr"],
                "gnorm": gnorm, "pairs_s": n_pairs / timer.lap(), "time": time.time() - t0}
+        if n_skipped:
+            row["skipped"] = int(n_skipped)
+        if n_pairs == 0:                   # nothing trained: no loss to log (a 0 would read as a perfect step)
+            row = {"step": step + 1, "skipped": int(n_skipped), "skip_reasons": step_skip_reasons(micro_list, d),
+                   "lr": row["lr"], "time": row["time"]}
         if dev and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
             row.update(evaluate_pairs(policy, reference, ref_table, dev_set, collate, args, d, compute))
         bar.update(1)
-        if (step + 1) % args.log_every == 0 or step + 1 == total:
+        if (step + 1) % args.log_every == 0 or step + 1 == total or n_pairs == 0:
             metrics.log(row)
             if d.main:
-                bar.write(f"step {step + 1}/{total} | loss {row['loss']:.4f} | acc {row['rewards/accuracy']:.2f} | "
-                          f"margin {row['rewards/margin']:.3f} | chosen {row['rewards/chosen']:+.3f} | rejected "
-                          f"{row['rewards/rejected']:+.3f} | lr {row['lr']:.1e} | pairs/s {row['pairs_s']:.1f}")
+                bar.write(step_line(row, total))
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
             save(args, d, model, policy, optimizer, processor, step + 1, save_dtype)
     bar.close()
@@ -270,6 +282,43 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+def drop_identical(pairs, k):
+    """(pairs, how many were dropped): a pair whose chosen and rejected read the same once cut to k words has
+    identical token rows, hence loss ln 2 and a zero gradient whatever the model does; it would only shrink the
+    batch's mean gradient."""
+    keep = [(p, w) for p, w in pairs if truncate_words(p["chosen"], k) != truncate_words(p["rejected"], k)]
+    return keep, len(pairs) - len(keep)
+
+
+def step_skip_reasons(micro_list, d):
+    """{reason: count} of this step's skipped pairs over all ranks (every rank calls it at the same step)."""
+    mine = {}
+    for m in micro_list:
+        for reason, _ in m["skipped"]:
+            mine[reason] = mine.get(reason, 0) + 1
+    if not d.distributed:
+        return mine
+    parts = [None] * d.world
+    torch.distributed.all_gather_object(parts, mine)
+    out = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def step_line(row, total):
+    """The one-line log of a step; a step whose pairs were all skipped says so, and why, instead of a loss."""
+    if "loss" not in row:
+        why = ", ".join(f"{k}: {v}" for k, v in row["skip_reasons"].items())
+        return (f"step {row['step']}/{total} | no pair trained: all {row['skipped']} skipped ({why}) | "
+                f"lr {row['lr']:.1e}")
+    return (f"step {row['step']}/{total} | loss {row['loss']:.4f} | acc {row['rewards/accuracy']:.2f} | margin "
+            f"{row['rewards/margin']:.3f} | chosen {row['rewards/chosen']:+.3f} | rejected "
+            f"{row['rewards/rejected']:+.3f} | lr {row['lr']:.1e} | pairs/s {row['pairs_s']:.1f}"
+            + (f" | skipped {row['skipped']}" if row.get("skipped") else ""))
+
 
 def forward_logps(model, mb, d):
     """Per-position log-probs of a pair batch (2B rows, or packed) through the model's own forward."""
@@ -310,8 +359,8 @@ def ref_logps(reference, table, mb, d, like):
 
 def reference_key(args):
     """What the reference log-probs depend on: the reference's weight files (not its path: a symlink may be
-    re-pointed), the pair files, the truncation and the template."""
-    return [model_id(args.model), args.truncate_words, args.template] + [
+    re-pointed), the pair files, the truncation (the rule, named, and its limit) and the template."""
+    return [model_id(args.model), "paper-cut", args.truncate_words, args.template] + [
         file_id(f) for f in args.pairs + (args.dev_pairs or [])]
 
 

@@ -115,6 +115,7 @@ def main(argv=None):
     dataset = SFTDataset(rows, processor, args.image_root, args.max_len, args.overlong, args.template, args.strict)
     if args.check_data:
         return check_data(dataset, args)
+    warn_unknown_words(rows, processor, d)
     micro, world, accum = args.batch_size, d.world, args.grad_accum
     global_size = micro * world * accum
     per_epoch = len(rows) // global_size
@@ -293,8 +294,39 @@ def cached_lengths(rows, processor, args, d):
     return lengths
 
 
+UNKNOWN_WARN = 0.01         # warn when more than this share of the words become <unk>
+
+
+def unknown_word_report(rows, processor, sample=None):
+    """(share, line) on how many of the rows' words a word-level tokenizer turns into <unk> (a word outside its
+    vocabulary, which the model can neither read nor write), over all rows or `sample` rows spread evenly; None for
+    a tokenizer without an unknown token (byte-level BPE such as Llama-3's)."""
+    from data.tokenizer import unknown_words
+    if processor.tokenizer is None or not rows:
+        return None
+    picked = rows if not sample or len(rows) <= sample else rows[::len(rows) // sample][:sample]
+    found = unknown_words(processor.tokenizer, [t["value"] for row, _ in picked for t in row["conversations"]])
+    if found is None or not found[1]:
+        return None
+    bad, n, examples = found
+    line = (f"unknown words: {100 * bad / n:.2f}% of {n:,} words in {len(picked):,} rows are not in the tokenizer's "
+            f"vocabulary and become <unk>" + (f" (e.g. {', '.join(examples)})" if examples else ""))
+    if bad / n > UNKNOWN_WARN:
+        line = (f"warning: {line}: the model can neither read nor write them; use a tokenizer built on this data "
+                "(data/tokenizer.py build_word_tokenizer) or data its vocabulary covers")
+    return bad / n, line
+
+
+def warn_unknown_words(rows, processor, d, sample=1000):
+    """Once at the start of training: the unknown-word warning over a sample of the rows (rank 0)."""
+    report = unknown_word_report(rows, processor, sample) if d.main else None
+    if report and report[0] > UNKNOWN_WARN:
+        print(report[1], file=sys.stderr, flush=True)
+
+
 def check_data(dataset, args):
-    """Load every row and image as training would; print counts, reasons and a length histogram."""
+    """Load every row and image as training would; print counts, reasons, a length histogram and the share of
+    unknown words (a word-level tokenizer)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers,
                                          collate_fn=lambda x: x)
     reasons, lengths, supervised, truncated = {}, [], 0, 0
@@ -315,6 +347,9 @@ def check_data(dataset, args):
     if lengths:
         print(f"lengths: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
         print(histogram(lengths))
+    report = unknown_word_report(dataset.rows, dataset.proc)
+    if report:
+        print(report[1])
     return 0 if not reasons else 1
 
 

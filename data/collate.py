@@ -222,14 +222,26 @@ def histogram(lengths, bins=(256, 512, 1024, 2048, 3072, 4096, 6144, 8192)):
 
 # ------------------------------------------------------------------------------------------------ DPO pairs
 
-def truncate_words(text, k):
-    """The first k whitespace-separated words of a response (paper: k = 90); k = 0 keeps it whole."""
-    return " ".join(text.split()[:int(k)]) if k else text
+def truncate_words(text, k, min_words=90):
+    """A response cut as the paper's DPO trainer cuts it (LLaVA-Reasoner-DPO, scripts_dpo/run_dpo.py,
+    DPODataCollator.maybe_truncate), the paper's k being 90. The text is split on single spaces, so a newline or a
+    second space stays inside a piece and "\n\n### Answer:" survives. k > 1: the first int(k) pieces, and only
+    when there are more; a shorter response stays byte for byte. 0 < k <= 1: a share of the pieces, never fewer
+    than min_words (the trainer's min_len). k = 0: the whole text (our "off"; the trainer has None for it)."""
+    if k < 0:
+        raise ValueError(f"truncate_words: k = {k} must be >= 0")
+    if not k:
+        return text
+    pieces = text.split(" ")
+    if k > 1:
+        k = int(k)
+        return " ".join(pieces[:k]) if len(pieces) > k else text
+    return " ".join(pieces[:max(int(k * len(pieces)), min_words)])
 
 
 class PairDataset(torch.utils.data.Dataset):
     """DPO pairs (dpo_data format) -> chosen and rejected token rows sharing a prompt and its images. Each response
-    is cut to its first `truncate` words and its final <|eot_id|> dropped, as the paper's trainer does."""
+    is cut by truncate_words(response, truncate) and its final <|eot_id|> dropped, as the paper's trainer does."""
 
     def __init__(self, pairs, processor, image_root, truncate=90, template="llava", max_len=6144):
         self.pairs, self.proc, self.root = pairs, processor, image_root

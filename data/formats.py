@@ -1,4 +1,4 @@
-"""The three JSONL formats and their validation.
+"""The three JSONL formats the stages exchange, and their validation.
 
   QA record  {"id", "image", "question", "answers": [str], "choices": [str] | null, "dataset"} (+ any extra field,
              e.g. "meta" with the synthetic chart's data); input to distill.py, sample.py, evaluate.py

@@ -1,4 +1,4 @@
-"""Prompt templates (reference/paper.md §2).
+"""Prompt templates (paper §2 and its appendix prompt tables).
 
 Two families of text:
   * the mode suffixes our own model is trained and evaluated with (SFT rows, evaluate.py): a CoT suffix asks for a
@@ -9,7 +9,7 @@ Two families of text:
 # ---- the model's mode suffixes (the CoT strings are the released ShareGPT-4o-Reasoning ones)
 COT_OPEN = "Generate a reason first and then output a short answer."
 COT_MC = "Generate a reason first and then output a letter answer."
-# the paper's exact direct strings are unverified (paper.md §2.1); these are LLaVA's standard instructions
+# the paper's exact direct strings could not be verified; these are LLaVA's standard short-answer instructions
 DIRECT_OPEN = "Answer the question using a single word or phrase."
 DIRECT_MC = "Answer with the option's letter from the given choices directly."
 
@@ -53,7 +53,7 @@ def model_prompt(record, mode):
     return f"{image}{question_text(record)}\n{suffix}"
 
 
-# ---- the teacher (paper appendix tables, OCR-cleaned in paper.md §2.4)
+# ---- the teacher (the paper's appendix prompt tables for GPT-4o, with the PDF's text-extraction glitches fixed)
 TEACHER_SYSTEM = ("When provided with an image and a question, generate a rationale first and then derive an answer. "
                   "Your rationale should include detailed visual elements in order to derive the answer.")
 

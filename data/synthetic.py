@@ -4,11 +4,11 @@
                              [--holdout count_below] [--n-test M]
 
 writes DIR/train.jsonl, DIR/test.jsonl (same question families, new charts), DIR/test_holdout.jsonl (the held-out
-family, never in train: it measures generalisation) and DIR/images/. Records are QA records (DESIGN.md) with
+family, never in train: it measures generalisation) and DIR/images/. Records are QA records (data/formats.py) with
 dataset "synthetic" and a "meta" field holding the chart's data, so every gold answer (and every step of a
 rationale) can be recomputed. Deterministic: record i of a split depends on (seed, split, i) only.
 
-Difficulty levels (reference/demo_feasibility.md sized "tiny" for a 2M-parameter model on a CPU):
+Difficulty levels ("tiny" is sized, by experiment, for a 2M-parameter model trained in minutes on a CPU):
   tiny    64x64, 4 bars on a 16 px grid (one bar per CLIP patch column), values 0-9 by height and colour, A-D
   easy    bar charts of 3-5 named bars, values 0-20 printed above the bars, varied sizes
   medium  bar, grouped bar, line and pie charts, 3-6 items, values 0-100 printed, varied sizes and colours
@@ -159,8 +159,8 @@ def draw_pie(d, chart, W, H, font, colors):
 
 def draw_tiny(chart, rng):
     """64x64: bar i fills columns 16i+3 .. 16i+12 (inside CLIP's 16 px patch column i), 5 px per unit, in the colour
-    of its value (one of 10): a value a 2-layer vision tower reads in minutes (reference/demo_feasibility.md found
-    heights alone hard; with colour the demo's base model reads all four values of a test chart exactly 100% of the
+    of its value (one of 10): a value a 2-layer vision tower reads in minutes (in our CPU experiments heights alone
+    were hard to read; with colour the demo's base model reads all four values of a test chart exactly 100% of the
     time, against 63% from heights alone in an earlier build)."""
     img = Image.new("RGB", (64, 64), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -339,7 +339,8 @@ _COMPARE = re.compile(rf"({_NUM}) ([<>]) ({_NUM}) (yes|no)")
 
 def steps_correct(record, text):
     """True when every value a rationale reads matches the chart and every arithmetic step is right: outcome-correct
-    samples can still hold wrong steps (reference/demo_feasibility.md, third experiment)."""
+    samples can still hold wrong steps: in our CPU experiments 7-62% of the in-window "correct" samples did, the
+    more the weaker the SFT model (the paper's own caveat: wrong chains sometimes reach the right answer)."""
     chart = record["meta"]["chart"]
     val = {nm: v for nm, v in zip(chart["names"], chart["values"])}
     body = text.split(ANSWER_MARKER)[0]

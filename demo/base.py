@@ -11,8 +11,8 @@ task's text -> a randomly initialised 2.4M-parameter LLaVA-NeXT (CLIP 2 layers x
 one 64 px tile: 36 image tokens; Llama 4 layers x 192) -> train_sft.py, 4,000 steps of 16. Deterministic from
 --seed (on a given machine and thread count). About 14 minutes on 2 idle CPU cores. The shipped model reads all
 four values of a test chart exactly 100% of the time (300 test charts), the largest bar 99%; looking a value up
-by the letter named in the question stays hard (23%), as reference/demo_feasibility.md found. The result is an HF directory committed with the
-project (bf16, under 5 MB).
+by the letter named in the question stays hard (23%), as it did in every tiny model of our CPU experiments. The
+result is an HF directory committed with the project (bf16, under 5 MB).
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""AnyRes geometry (LLaVA-NeXT §3 in reference/llava_next.md), shared by the processor and the model.
+"""AnyRes geometry (LLaVA-NeXT; transformers' image_processing_llava_next.py and modeling_llava_next.py), shared by
+the processor and the model.
 
 An image of size (H, W) is resized into the best-fitting grid resolution from `pinpoints`, cut into crops of the
 vision tower's size, and encoded with one extra squashed "base" crop. After the projector, the grid's features are

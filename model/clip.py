@@ -1,4 +1,4 @@
-"""CLIP ViT vision tower, as LLaVA uses it (reference/llava_next.md §4).
+"""CLIP ViT vision tower, as LLaVA uses it (transformers' modeling_clip.py, CLIPVisionModel).
 
 Pre-LN transformer over [CLS] + patch tokens, with learned absolute position embeddings and a LayerNorm
 ("pre_layrnorm", sic) before the first layer. LLaVA reads the hidden state of an inner layer (-2 by default: the

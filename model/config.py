@@ -5,8 +5,9 @@ Two on-disk formats are understood:
     reads and writes;
   * the original LLaVA-NeXT format (`"model_type": "llava_llama"` or `"llava_mistral"`): a flat Llama config plus
     `mm_*` fields, the vision tower named by `mm_vision_tower` (Open-LLaVA-NeXT, the paper's released checkpoints).
-Fields the JSON omits take the defaults of the matching transformers class (reference/llava_next.md §1), and every
-key we do not model is kept in `extra` and written back, so a load/save round trip loses nothing.
+Fields the JSON omits take the defaults of the matching transformers class (LlavaNextConfig, CLIPVisionConfig,
+LlamaConfig / MistralConfig), and every key we do not model is kept in `extra` and written back, so a load/save
+round trip loses nothing.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Llama decoder (Llama-3; Mistral-7B without sliding window is the same network). reference/llava_next.md §5.
+"""Llama decoder (Llama-3; Mistral-7B without sliding window is the same network), as transformers' modeling_llama.py.
 
 Pre-norm blocks of grouped-query attention with rotary position embeddings and a SwiGLU MLP; RMSNorm and RoPE are
 computed in fp32 and cast back, as transformers does, so bf16 runs match it bit for bit where the matmuls do.

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT (llava-v1.6): CLIP tower -> 2-layer MLP projector -> anyres packing -> Llama. reference/llava_next.md §3.
+"""LLaVA-NeXT (llava-v1.6): CLIP tower -> 2-layer MLP projector -> anyres packing -> Llama (modeling_llava_next.py).
 
 Images are cut into crops (processor), every crop goes through CLIP, every patch feature through the projector;
 then each image's crop features are stitched into one map, unpadded, given a newline vector per row, and placed

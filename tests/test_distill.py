@@ -272,3 +272,50 @@ def test_synthetic_teacher_end_to_end(tmp_path, capsys):
     with pytest.raises(UserError, match="not written by this stage"):
         distill.main(argv + ["--out", str(tmp_path / "user.jsonl"), "--overwrite"])
     assert (tmp_path / "user.jsonl").read_text() == '{"id": "mine"}\n'
+
+
+# ------------------------------------------------------------------------------------------------ a server that is not there
+
+def closed_port():
+    """A loopback port with nothing listening (bound, then released)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("n", [30, 3])
+def test_nothing_listening_stops_at_once_naming_the_url(tmp_path, capsys, n):
+    """Connection refused on every request, with the default retry settings (a backoff that would wait about 46 s per
+    request): 30 records stop at the first 10 failures, 3 records end with 'all failed'; exit 2 within seconds, one
+    error line naming the URL, never the key."""
+    import time
+    write_records(tmp_path, n)
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    t0 = time.monotonic()
+    code = distill.main(["--data", str(tmp_path / "records.jsonl"), "--image-root", str(tmp_path), "--out",
+                         str(tmp_path / "out/sft.jsonl"), "--teacher", "openai", "--base-url", url])
+    assert code == 2 and time.monotonic() - t0 < 10
+    cap = capsys.readouterr()
+    errors = [line for line in cap.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and url in errors[0], cap.err
+    assert ("cannot connect" if n > 10 else f"all {n} requests") in errors[0]
+    assert KEY not in cap.out + cap.err
+    assert rows(tmp_path / "out/sft.jsonl") == []
+    assert "could not connect" in cap.out
+
+
+def test_a_server_failing_for_max_retry_time_stops_the_run(tmp_path, capsys):
+    """Three answers, then 503 on every request: no success for --max-retry-time stops the run (exit 2), however
+    many retries are left; the three rows are kept."""
+    write_records(tmp_path, 10)
+
+    def behave(req, attempt):
+        return right(req, attempt) if len(server.requests) <= 3 else Reply(status=503)
+
+    with FakeOpenAI(behave) as server:
+        code = run(tmp_path, server, "--max-retry-time", "0.5", "--max-retries", "1000", "--concurrency", "1")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--max-retry-time" in err and server.url in err
+    assert len(rows(tmp_path / "out/sft.jsonl")) == 3

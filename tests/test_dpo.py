@@ -15,7 +15,7 @@ import sample
 import train_dpo
 import train_sft
 from conftest import build_tiny_model_dir
-from data.collate import PairDataset, collate_pairs, per_sequence
+from data.collate import PairDataset, collate_pairs, per_sequence, truncate_words
 from data.synthetic import teacher
 from model import LlavaNext, Processor
 from test_sft import torchrun
@@ -108,6 +108,42 @@ def test_gradients_match_plain_torch(setup, backend, monkeypatch):
     assert ours.keys() == plain.keys() and len(ours) > 10
     for n in ours:
         torch.testing.assert_close(ours[n], plain[n], atol=2e-6, rtol=1e-4, msg=n)
+
+
+def grade_question(right, wrong, unfinished, min_acc=0.25):
+    """sample.handle on scripted samples of one chartqa question (gold 6): token k decodes to text k, EOS = 0 stops a
+    sample; an unfinished one has no EOS. Returns (question log line, pairs)."""
+    from types import SimpleNamespace
+    texts = {1: "It reads 6.\n\n### Answer: 6"}
+    samples = [[1, 0] for _ in range(right)]
+    for j in range(wrong):
+        texts[10 + j] = f"It reads {20 + j}.\n\n### Answer: {20 + j}"
+        samples.append([10 + j, 0])
+    for j in range(unfinished):
+        texts[100 + j] = f"It reads {90 + j} and then on and"
+        samples.append([100 + j] * 3)
+    proc = SimpleNamespace(decode=lambda ids: "".join(texts[t] for t in ids))
+    written = {"pairs": [], "rft": [], "questions": []}
+    writers = {k: SimpleNamespace(write=lambda *rows, k=k: written[k].extend(rows)) for k in written}
+    rec = {"id": "q", "image": None, "question": "What is B?", "answers": ["6"], "choices": None, "dataset": "chartqa"}
+    args = SimpleNamespace(min_acc=min_acc, max_acc=0.85, pairs_per_question=3, seed=0)
+    stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
+    sample.handle(rec, samples, proc, {0}, set(), args, writers, stats)
+    assert stats["dropped samples"] == unfinished
+    return written["questions"][0], written["pairs"]
+
+
+def test_sample_accuracy_counts_unfinished_samples_as_wrong():
+    """The paper grades all N samples: 6 right + 18 wrong + 8 unfinished of 32 is 6/32 = 0.19, below the 0.25 window
+    (not 6/24 = 0.25); unfinished samples are never rejected answers."""
+    log, pairs = grade_question(6, 18, 8)
+    assert log["accuracy"] == 6 / 32 and log["status"] == "too hard" and pairs == []
+    assert log["dropped"] == 8 and log["samples"] == 32 and log["graded"] == 24
+    log, pairs = grade_question(12, 12, 8)
+    assert log["accuracy"] == 12 / 32 and log["status"] == "kept" and len(pairs) == 3
+    assert all(p["chosen"].endswith("### Answer: 6") and "then on" not in p["rejected"] for p in pairs)
+    log, pairs = grade_question(12, 0, 20)                  # in the window, but every wrong sample is cut off
+    assert log["accuracy"] == 12 / 32 and log["status"] == "no pair" and pairs == []
 
 
 def test_pair_building_window_cap_determinism():
@@ -211,6 +247,32 @@ def test_rows_of_a_question_without_its_log_line_are_dropped_on_resume(tmp_path)
     assert [json.loads(line)["id"] for line in open(paths["rft"])] == ["a-1-rft0"]
 
 
+def test_truncation_is_the_paper_trainers_cut():
+    """run_dpo.py's maybe_truncate (LLaVA-Reasoner-DPO): pieces = text.split(' '); k > 1 keeps the first k pieces only
+    when there are more, so a short response stays byte for byte; 0 < k <= 1 keeps max(int(k * n), 90) pieces."""
+    short = "The bar for B reads 6.\nSo the answer is 6.\n\n### Answer: 6"      # 12 pieces: '6.\nSo', '6.\n\n###'
+    assert truncate_words(short, 90) == short and truncate_words(short, 12) == short
+    assert truncate_words(short, 11) == "The bar for B reads 6.\nSo the answer is 6.\n\n### Answer:"
+    assert truncate_words(short, 10) == "The bar for B reads 6.\nSo the answer is 6.\n\n###"
+    assert truncate_words(short, 0) == short
+    body = " ".join(f"w{i}" for i in range(95))
+    long = body + "\n\n### Answer: 6"                                             # 97 pieces
+    assert truncate_words(long, 90) == " ".join(f"w{i}" for i in range(90))
+    assert truncate_words(long, 95) == body + "\n\n###" and truncate_words(long, 96) == body + "\n\n### Answer:"
+    assert truncate_words(long, 97) == long
+    # double spaces and newlines: an empty piece counts as a piece, a newline does not split
+    assert truncate_words("a  b\nc d", 2) == "a " and truncate_words("a  b\nc d", 3) == "a  b\nc"
+    assert truncate_words("a  b\nc d", 4) == "a  b\nc d"
+    assert truncate_words(long, 90.7) == truncate_words(long, 90)                     # int(k)
+    # a share: max(int(k * n), 90) pieces
+    many = " ".join(f"w{i}" for i in range(300))
+    assert truncate_words(many, 0.5) == " ".join(f"w{i}" for i in range(150))
+    assert truncate_words(long, 0.5) == " ".join(f"w{i}" for i in range(90))        # int(48.5) < 90: 90 pieces
+    assert truncate_words(short, 0.5) == short and truncate_words(many, 1) == many
+    with pytest.raises(ValueError):
+        truncate_words(short, -1)
+
+
 def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(setup):
     proc = Processor.from_pretrained(setup["sft"])
     words = " ".join(f"w{i}" for i in range(120))
@@ -224,6 +286,27 @@ def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(setup):
     prompt_len = (tgt != -100).nonzero()[0, 0].item() + 1
     assert proc.token_id("<|end_header_id|>") in ids[:prompt_len].tolist()
     assert len(PairDataset([(pair, "x")], proc, setup["data"], truncate=0)[0]["chosen"][1].ne(-100).nonzero()) == 120
+
+
+def test_identical_pairs_are_dropped_and_an_all_skipped_step_says_why(setup, tmp_path, capsys):
+    """A pair whose chosen equals the rejected (byte for byte, or once cut to 90 words) is dropped at load with a
+    count; a step whose 8 pairs all lack their image logs the skip and its reason, not `loss 0.0000`."""
+    good = [json.loads(line) for line in open(setup["pairs"])][:8]
+    missing = [dict(p, id=f"m{k}", image="images/missing.png") for k, p in enumerate(good)]
+    long = " ".join(f"w{i}" for i in range(95))
+    same = [dict(good[0], id="same", rejected=good[0]["chosen"]),
+            dict(good[0], id="same90", chosen=long + "\n\n### Answer: 6", rejected=long + "\n\n### Answer: 7")]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in missing + same))
+    argv = dpo_args(setup, tmp_path / "d", "--max-steps", "1")
+    argv[argv.index("--pairs") + 1] = str(path)
+    assert train_dpo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dropped 2 pairs whose chosen equals the rejected" in out
+    (row,) = rows(tmp_path / "d")
+    assert "loss" not in row and row["skipped"] == 8 and row["skip_reasons"] == {"image not found": 8}
+    assert "step 1/1 | no pair trained: all 8 skipped (image not found: 8)" in out and "loss 0.0000" not in out
+    assert "chosen equals rejected (dropped at load): 2" in out and "image not found: 8" in out
 
 
 def test_two_processes_and_precomputed_reference_equal_one_live(setup, tmp_path):
@@ -287,3 +370,26 @@ def test_a_dev_share_of_the_questions_is_held_out_whole(tmp_path):
     assert len(open(base + ".questions.jsonl").readlines()) == 200
     sample.merge(base + ".jsonl", base, records, dev_share=0.1, seed=1)
     assert [json.loads(line)["source_id"] for line in open(base + ".dev.jsonl")] != dev
+
+
+def test_every_file_a_run_writes_is_0644(setup, tmp_path):
+    """Weights, configs, metrics, the reference table, the token-reward page, the DCP state: plain 0644 files (the
+    old safetensors writer left model.safetensors 0600, unreadable to the rest of a team), directories 0755."""
+    import stat
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "d"
+        train_dpo.main(dpo_args(setup, out, "--max-steps", "1", "--precompute-ref", "--dev-pairs", setup["dev"],
+                                "--audit-pairs", "1"))
+    finally:
+        os.umask(old)
+    modes = {}
+    for top, dirs, files in os.walk(out):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                modes[os.path.relpath(path, out)] = stat.S_IMODE(os.stat(path).st_mode)
+    kinds = {os.path.splitext(p)[1] for p in modes}
+    assert {".safetensors", ".json", ".jsonl", ".html", ".pt", ".distcp"} <= kinds, kinds
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if os.path.isdir(out / p) else 0o644)}
+    assert not wrong, wrong

@@ -15,7 +15,7 @@ from model.weights import LAYOUTS, TO_HUB, rename
 
 KINDS = ["llama", "mistral"]
 
-# llava-hf/llama3-llava-next-8b-hf config.json (reference/llava_next.md §1)
+# llava-hf/llama3-llava-next-8b-hf config.json, as published with the checkpoint
 LLAMA3_8B = {
     "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next", "ignore_index": -100,
     "image_token_index": 128256, "projector_hidden_act": "gelu", "vision_feature_layer": -2,

@@ -10,7 +10,10 @@ from conftest import random_image
 from model import ImageProcessor, LlavaNextConfig, Processor, SYSTEM_PROMPT
 from test_model import LLAMA3_8B
 
-# tiny, square (small and exact-size), very wide, very tall, and the sizes worked out in reference/llava_next.md §3f
+# tiny, square (small and exact-size), very wide, very tall, and sizes with their image-token counts worked out from
+# LLaVA-NeXT's formula, 576 base features + h' * (w' + 1) for the unpadded h' x w' grid with a newline per row (e.g.
+# 480 x 640: 2 x 2 crops, 36 x 48 after unpadding, 576 + 36 * 49 = 2340); 899 x 1024 is the radar chart of transformers'
+# LLaVA-NeXT integration test, 2634 tokens there
 SIZES = [(5, 7), (100, 100), (336, 336), (40, 900), (900, 40), (899, 1024), (480, 640), (1000, 300), (300, 1000)]
 WORKED = {(899, 1024): 2634, (480, 640): 2340, (100, 100): 1176, (1000, 300): 2232, (300, 1000): 2182}
 

@@ -268,3 +268,43 @@ def test_ratio_share_depends_on_the_seed_and_file_name_not_its_directory(tmp_pat
     assert pick("a", 0) != pick("a", 1)
     twice = [r["id"] for r, _ in load_rows([str(tmp_path / "a" / "rows.jsonl")], [2.0])]
     assert sorted(twice) == sorted([r["id"] for r in rows] * 2)
+
+
+def test_check_data_reports_words_the_word_level_tokenizer_does_not_know(tmp_path, capsys, monkeypatch):
+    """`--level easy` data through the shipped base model's word-level tokenizer (built on the tiny level): names such
+    as `maple` become <unk>; --check-data reports the share and warns above 1%, and training warns once at the start.
+    Tiny-level data, which the tokenizer was built on, draws no warning."""
+    import distill
+    from data.synthetic import WORDS, generate
+    from data.tokenizer import unknown_words
+    base = os.path.join(ROOT, "demo", "base_model")
+    for level in ("easy", "tiny"):
+        data = tmp_path / level
+        generate(str(data), 24, seed=0, level=level, n_test=2)
+        distill.main(["--data", str(data / "train.jsonl"), "--image-root", str(data), "--out", str(data / "sft.jsonl"),
+                      "--teacher", "synthetic"])
+    capsys.readouterr()
+    argv = lambda level: ["--model", base, "--data", str(tmp_path / level / "sft.jsonl"), "--image-root",  # noqa
+                          str(tmp_path / level), "--workers", "0", "--out", str(tmp_path / "out" / level)]
+    assert train_sft.main(argv("easy") + ["--check-data"]) == 0
+    report = capsys.readouterr().out
+    line = next(x for x in report.splitlines() if "unknown words:" in x)
+    assert line.startswith("warning: unknown words: ") and "become <unk>" in line
+    examples = line.split("(e.g. ")[1].split(")")[0].split(", ")
+    assert len(examples) == 5 and set(examples) <= set(WORDS)           # the chart's names: mango, maple, birch, ...
+    assert float(line.split("unknown words: ")[1].split("%")[0]) > 1.0
+    assert unknown_words(Processor.from_pretrained(base).tokenizer, ["A is 6 . maple"])[:2] == (1, 5)
+    assert train_sft.main(argv("tiny") + ["--check-data"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "unknown words:" in x)
+    assert line.startswith("unknown words: 0.00% ")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+    monkeypatch.setattr(train_sft, "load_for_training", stop)            # the warning comes before the model loads
+    with pytest.raises(Stop):
+        train_sft.main(argv("easy"))
+    err = capsys.readouterr().err
+    assert err.count("warning: unknown words: ") == 1
