@@ -208,7 +208,12 @@ def main(argv=None):
         dt = timer.lap()
         tok = d.all_sum(sum(m.get("tokens", 0) for m in micro_list)).item()
         bar.update(1)
-        if (step + 1) % args.log_every == 0 or step + 1 == total:
+        if supervised == 0:                        # every sample of the step was skipped: no loss to report
+            n_skipped = int(d.all_sum(sum(len(m["skipped"]) for m in micro_list)).item())
+            metrics.log({"step": step + 1, "skipped": n_skipped, "lr": optimizer.param_groups[0]["lr"]})
+            bar.write(f"step {step + 1}/{total} | no sample trained: all {n_skipped} skipped (see the warnings) | "
+                      f"lr {optimizer.param_groups[0]['lr']:.1e}") if d.main else None
+        elif (step + 1) % args.log_every == 0 or step + 1 == total:
             row = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "gnorm": gnorm,
                    "tok_s": tok / dt, "supervised_tokens": supervised, "time": time.time() - t0}
             mem = ""
