@@ -204,7 +204,7 @@ def main(argv=None):
         if supervised > 0:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = d.all_sum(nll).item() / max(supervised, 1.0)
+        loss = d.all_sum(nll).item() / supervised if supervised else float("nan")
         dt = timer.lap()
         tok = d.all_sum(sum(m.get("tokens", 0) for m in micro_list)).item()
         bar.update(1)

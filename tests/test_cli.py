@@ -193,3 +193,17 @@ def test_the_reference_cache_follows_the_weights_not_the_path(tiny, tmp_path):
     (tmp_path / "sft").symlink_to(a)
     os.utime(a / "model.safetensors", (1, 1))                # the weights rewritten in place
     assert train_dpo.reference_key(args) != key
+
+
+def test_a_step_whose_samples_were_all_skipped_says_so(tiny, tmp_path, capsys):
+    model, data, sft = tiny
+    rows = [dict(json.loads(line), image="images/nope.png") for line in open(sft)][:4]
+    path = tmp_path / "gone.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train_sft.main(["--model", model, "--data", str(path), "--image-root", data, "--out", str(tmp_path / "o"),
+                           "--max-steps", "1", "--batch-size", "4", "--workers", "0"]) == 0
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert "step 1/1 | no sample trained: all 4 skipped" in out and "loss 0.0000" not in out
+    logged = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert logged == [{"step": 1, "skipped": 4, "lr": logged[0]["lr"]}]
