@@ -229,3 +229,51 @@ def _prompt_tensors(proc, convs, images):
 
 def _stop(row):
     return next((i for i, t in enumerate(row) if t in (128009, 128001)), len(row))
+
+
+def test_kv_cache_decode_attention_and_dropping_prompts_in_place():
+    """The cache's decode attention equals plain per-sample attention (torch math on [the prompt's real keys | the
+    sample's own generated keys], GQA), before and after finished prompts leave the batch; leaving moves one live
+    prompt into each hole (old slots 3 and 1 survive as new slots 0 and 1) and never reallocates the cache."""
+    from types import SimpleNamespace
+    from model.generation import KVCache
+    cfg = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=6, head_dim=8)
+    B, S, n, max_new, Hq, Hkv, D = 4, 5, 3, 4, 6, 2, 8
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0] * 4 + [1], [0, 1, 1, 1, 1]])
+    cache = KVCache(cfg, B, S, n, max_new, torch.float32, "cpu", mask)
+    keys = {}                                              # (layer, prompt) -> prompt k, v; (layer, row) -> lists
+    for layer in range(2):
+        q, k, v = (torch.randn(B, S, H, D, generator=g) for H in (Hq, Hkv, Hkv))
+        cache.attend(layer, q, k, v)
+        for b in range(B):
+            keys[layer, "p", b] = k[b][mask[b].bool()], v[b][mask[b].bool()]
+    cache.prefilling = False
+    ptr = cache.k.data_ptr()
+
+    def reference(q, layer, prompts):
+        out = []
+        for i, r in enumerate(r for b in prompts for r in range(b * n, b * n + n)):
+            pk, pv = keys[layer, "p", r // n]
+            k = torch.cat([pk, torch.stack(keys[layer, "gk", r])])
+            v = torch.cat([pv, torch.stack(keys[layer, "gv", r])])
+            k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)            # (T, Hq, D)
+            p = torch.einsum("hd,thd->ht", q[i, 0], k).mul(D ** -0.5).softmax(-1)
+            out.append(torch.einsum("ht,thd->hd", p, v))
+        return torch.stack(out)[:, None]
+
+    prompts = [0, 1, 2, 3]
+    for t in range(3):
+        cache.t = t
+        if t == 2:
+            order = cache.drop(torch.tensor([True, False, True, False]))
+            assert order.tolist() == [3, 1] and cache.k.data_ptr() == ptr
+            prompts = [prompts[i] for i in order.tolist()]
+        R = len(prompts) * n
+        for layer in range(2):
+            q, k, v = (torch.randn(R, 1, H, D, generator=g) for H in (Hq, Hkv, Hkv))
+            for i, r in enumerate(r for b in prompts for r in range(b * n, b * n + n)):
+                keys.setdefault((layer, "gk", r), []).append(k[i, 0])
+                keys.setdefault((layer, "gv", r), []).append(v[i, 0])
+            torch.testing.assert_close(cache.attend(layer, q, k, v), reference(q, layer, prompts), atol=1e-5,
+                                       rtol=1e-5)
