@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model.llama import causal_padding_mask
 
 
 class KVCache:
@@ -40,8 +39,12 @@ class KVCache:
         seen = torch.cat([prompt_mask[:, None, :].expand(B, n * G, S), own.expand(B, n * G, n * max_new)], -1)
         self.bias = torch.zeros(B, 1, n * G, -(-K // 16) * 16, dtype=dtype, device=device)
         self.bias[:, 0, :, :K].masked_fill_(~seen, float("-inf"))                                  # (B, 1, n*G, K')
-        # the prompt pass: causal over real tokens; one mask for every layer, dropped after the prompt pass
-        self.prefill_mask = None if bool(prompt_mask.all()) else causal_padding_mask(prompt_mask, S)
+        # the prompt pass runs on the real tokens only, packed (varlen attention): no (B, S, S) mask
+        self.packed = None
+        if not bool(prompt_mask.all()):
+            lengths = prompt_mask.sum(-1)
+            cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+            self.packed = prompt_mask.flatten().nonzero()[:, 0], cu, int(lengths.max())
         self.S, self.n, self.t = S, n, 0                  # prompt length, samples per prompt, decode step
         self.prefilling = True
 
@@ -49,7 +52,12 @@ class KVCache:
         if self.prefilling:                                # the prompt itself: ordinary causal attention
             self.k[layer, :, :, :self.S] = k.transpose(1, 2)
             self.v[layer, :, :, :self.S] = v.transpose(1, 2)
-            return kernels.attention(q, k, v, causal=True, attn_mask=self.prefill_mask)
+            if self.packed is None:
+                return kernels.attention(q, k, v, causal=True)
+            idx, cu, longest = self.packed                 # real tokens, prompt after prompt; padding outputs stay 0
+            o = kernels.attention(*(x.flatten(0, 1)[idx] for x in (q, k, v)), causal=True, cu_seqlens=cu,
+                                  max_seqlen=longest)                                           # (N, Hq, D)
+            return q.new_zeros(q.shape).flatten(0, 1).index_copy_(0, idx, o).view(q.shape)
         return self._decode(layer, q, k, v)
 
     def _decode(self, layer, q, k, v):
@@ -98,12 +106,17 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         # drop a token once the tokens before it already hold top_p of the mass (the first one always stays)
         drop = (probs.cumsum(-1) - probs) > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    # inverse-CDF sampling: one uniform draw per row, where torch.multinomial draws one per vocabulary entry (most of
+    # a small model's decode step); the running sum in fp64 keeps even the rarest tokens' shares
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)                              # (R, V)
+    R, total = cdf.shape[0], cdf[:, -1:]
     if isinstance(generator, list):                  # a stream per prompt: its samples ignore the rest of the batch
-        per = probs.shape[0] // len(generator)
-        return torch.cat([torch.multinomial(probs[i * per:(i + 1) * per], 1, generator=g)[:, 0]
-                          for i, g in enumerate(generator)])
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        per = R // len(generator)
+        u = torch.cat([torch.rand(per, 1, generator=g, device=cdf.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = torch.rand(R, 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))   # below the total: lands on a p > 0 token
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 def check_left_padded(attention_mask):
@@ -159,7 +172,7 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     pos = torch.where(attention_mask.bool(), attention_mask.long().cumsum(-1) - 1, 0)
     h = model(input_ids, pixel_values, image_sizes, position_ids=pos, cache=cache, image_features=image_features,
               return_hidden=True)
-    cache.prefilling, cache.prefill_mask = False, None
+    cache.prefilling = False
     logits = F.linear(h[:, -1], model.output_weight).float().repeat_interleave(n, 0)      # (B*n, V)
     next_pos = attention_mask.long().sum(-1).repeat_interleave(n)                          # (B*n,)
 
