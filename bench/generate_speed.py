@@ -1,25 +1,28 @@
 """Generation speed and memory: ours vs transformers' generate, and ours before vs after the in-place KV cache.
 
-    python bench/generate_speed.py [--threads 2] [--part ratio greedy memory]     # CPU, about 4 minutes
+    python bench/generate_speed.py [--threads 2] [--part ratio greedy memory]     # CPU, about 7 minutes
     python bench/generate_speed.py --gpu            # one GPU: an 8B-shaped 4-layer model, sampling tokens/s
 
 ratio: DPO-style sampling of one image question (a 2x2 anyres grid: 5 crops, 1,312 image tokens), 32 samples x 64
    new tokens at temperature 1. Ours: one prefill shared by the 32 samples. transformers:
    generate(num_return_sequences=32, do_sample=True), which expands the prompt (and the images) 32 times. On the
-   61M-parameter model of bench/model_speed.py and on a 21M one (4 narrow layers), where per-step overhead shows.
-   Goal: >= 5x on both.
+   61M-parameter model of bench/model_speed.py and on a 20M one (4 narrow layers), where per-step overhead shows;
+   the implementation before is timed too. Goal: >= 5x on both.
 greedy: 8 prompts with images of different sizes, 32 new tokens each, tokens/s and identical tokens. Goal >= 1.0x.
-memory: 32 samples x 256 new tokens from ~3k-token prompts on the 21M model, BEFORE (model/generation.py at commit
-   BEFORE, read from git: the cache copied whenever a prompt finished, einsum decode attention with fp32 scores)
-   and after, each in a fresh process: peak RSS growth during generate, as a multiple of the KV cache's own size,
-   and tokens/s. (a) one prompt, no stop; (b) 4 prompts whose samples stop at random steps (640 of the 32,000 ids
-   stop a sample, ~2% a step), so whole prompts leave the batch one after another.
+memory: BEFORE (model/generation.py at commit BEFORE, read from git: the cache copied whenever a prompt finished,
+   einsum decode attention with fp32 scores) and after, each in a fresh process, 32 samples x 256 new tokens on a
+   7.6M-parameter model whose KV cache outweighs the rest (8 layers x 4 key/value heads, 4k vocabulary): RSS growth
+   during the prompt pass and during decoding (sampled every millisecond), against the cache's own size, and
+   tokens/s. (a) one prompt of 3,072 tokens, no stop; (b) 4 prompts of ~1k tokens whose samples stop at random
+   steps (2% of the ids stop a sample), so whole prompts leave the batch one after another; both sides use the new
+   sampler there, so they draw the same tokens and prompts finish at the same steps.
 --gpu: 8 text prompts of ~3k tokens x 32 samples x 256 tokens, bf16, an 8B-shaped Llama (4096 wide, GQA 32/8,
-   128k vocabulary) cut to 4 layers: decode tokens/s and peak memory over the weights, before and after.
-Every run generates exactly the requested number of tokens unless stop ids are given, so the work is the same.
+   128k vocabulary) cut to 4 layers: decode tokens/s and peak memory over the weights, after and before.
+Runs generate exactly the requested number of tokens unless stop ids are given, so the work is the same.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -40,7 +43,7 @@ from model.generation import generate, left_pad, sample_next  # noqa: E402
 
 IMAGE = 31999
 BEFORE = "131569c"          # the last commit with the copying KV cache
-# 21M parameters: the vision tower and vocabulary of CONFIG around a 4-layer, 256-wide Llama
+# 20M parameters: the vision tower and vocabulary of CONFIG around a 4-layer, 256-wide Llama
 SMALL = dict(CONFIG, vision_config=dict(CONFIG["vision_config"], hidden_size=64, intermediate_size=256,
                                         num_hidden_layers=2, num_attention_heads=2),
              text_config=dict(CONFIG["text_config"], hidden_size=256, intermediate_size=704, num_hidden_layers=4,
@@ -58,6 +61,7 @@ GPU_CONFIG = dict(
                      num_key_value_heads=8, vocab_size=128320, max_position_embeddings=8192, rope_theta=500000.0))
 
 
+@functools.cache
 def generation_before():
     """model/generation.py as of commit BEFORE, as a module, or None when git or the commit is not at hand."""
     try:
@@ -126,8 +130,13 @@ def ratio(name, config):
     t_ours, out = timed(run_ours)
     t_hf, ref = timed(run_hf)
     assert out.shape == (32, 64) and ref.shape[0] == 32 and ref.shape[1] - ids.shape[1] == 64
+    before, was = generation_before(), ""
+    if before is not None:                              # the implementation before the in-place KV cache
+        t_before, _ = timed(lambda: before.generate(ours, ids, px, sizes, mask, max_new_tokens=64, temperature=1.0,
+                                                    n=32, seed=0, eos_token_id=[]))
+        was = f" (before: {t_before:.2f}s, {t_hf / t_before:.1f}x)"
     print(f"{name} ({params:.0f}M params): 32 samples x 64 tokens, 1 image ({ids.shape[1]} prompt tokens): "
-          f"transformers {t_hf:.2f}s | ours {t_ours:.2f}s | {t_hf / t_ours:.1f}x (goal >= 5x)", flush=True)
+          f"transformers {t_hf:.2f}s | ours {t_ours:.2f}s | {t_hf / t_ours:.1f}x (goal >= 5x){was}", flush=True)
 
 
 def greedy():
@@ -251,14 +260,14 @@ def gpu(smoke=False):
     model = model.to(dtype).eval()
     weights = torch.cuda.memory_allocated() if not smoke else 0
     g = torch.Generator().manual_seed(0)
-    ids, mask = left_pad([torch.randint(0, cfg.text.vocab_size - 1, (S - 17 * i,), generator=g).tolist()
+    ids, mask = left_pad([torch.randint(0, cfg.image_token_index, (S - 17 * i,), generator=g).tolist()
                           for i in range(B)], 0)
     ids, mask = ids.to(dev), mask.to(dev)
     L, Hkv, D = cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim
-    cache = 2 * L * B * Hkv * D * (S + n * new) * 2
+    cache = 2 * L * B * Hkv * D * (S + n * new) * torch.finfo(dtype).bits // 8
     print(f"{'[smoke, CPU] ' if smoke else ''}{torch.cuda.get_device_name() if not smoke else ''} "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params ({L} layers of an 8B Llama), {B} prompts "
-          f"x {S} tokens, {n} samples x {new} tokens, bf16; KV cache {cache / 2**30:.2f} GiB", flush=True)
+          f"x {S} tokens, {n} samples x {new} tokens, {str(dtype)[6:]}; KV cache {cache / 2**30:.2f} GiB", flush=True)
     before = generation_before()
     results = {}
     for which, gen in (("after", generate), ("before", before.generate if before else None)):
