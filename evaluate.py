@@ -2,6 +2,9 @@
 
     python evaluate.py --model runs/sft/final --data runs/syn/test.jsonl runs/syn/test_holdout.jsonl \\
         --image-root runs/syn --mode both --out runs/eval/sft
+    # all GPUs of a node: the records are split across the processes, the predictions merged in record order
+    torchrun --nproc_per_node 8 evaluate.py --model llava-reasoner-dpo --data chartqa_test_human.jsonl \\
+        --image-root ChartQA/test --mode both --out eval/chartqa --batch-size 32 --workers 4
     # real benchmarks: convert the released files first (python -m data.convert ...), one --image-root per run
     python evaluate.py --model llava-reasoner-dpo --data chartqa_test_human.jsonl --image-root ChartQA/test \\
         --mode both --out eval/chartqa --batch-size 32
@@ -14,12 +17,15 @@
 Prompts: the question (+ lettered options), then the mode suffix our SFT rows use (data/prompts.py). CoT answers
 are read after the last "### Answer:" (a missing marker is a format failure, counted; the whole output is still
 scored), then scored by the benchmark's official scorer (data/scorers.py). Out: OUT/predictions.jsonl (one row
-per record and mode: prompt, raw output, extracted answer, score) and OUT/results.{md,json} (dataset x mode, and
-the plain average over datasets; then the paper's Table 3 layout, its "Avg" over its 8 benchmarks). A rerun skips
-the (record, mode) pairs already in the predictions file.
+per record and mode, in record order: prompt, raw output, extracted answer, score) and OUT/results.{md,json}
+(dataset x mode, and the plain average over datasets; then the paper's Table 3 layout, its "Avg" over its 8
+benchmarks). Under torchrun each process answers every world-th record and appends to
+OUT/predictions.rank{R}.jsonl; rank 0 merges them into predictions.jsonl at the end. A rerun (any number of
+processes) skips the (record, mode) pairs already in the predictions file or a part file left by a killed run.
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -27,9 +33,10 @@ import sys
 from collections import Counter, defaultdict
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import dtype_of
+from common import Dist, dtype_of, print0
 from data import answers
 from data.answers import score
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
@@ -43,7 +50,9 @@ def parse_args(argv=None):
     ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
     ap.add_argument("--mode", choices=["direct", "cot", "both"], default="both")
     ap.add_argument("--out", required=True, help="output directory: predictions.jsonl, results.md, results.json")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding and preprocessing the images "
+                    "of the next batches (0: in the main process)")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="CoT answers")
     ap.add_argument("--max-new-tokens-direct", type=int, default=32)
     ap.add_argument("--template", choices=["llava", "hf"], default="llava")
@@ -180,48 +189,106 @@ def prepare(rec, mode, proc, args):
     return ids, pv if images else None, sizes if images else None, text
 
 
-def run_generation(model, proc, todo, mode, args, writer):
-    """Batched greedy answers (left-padded prompts, positions from the mask: batch size does not change them)."""
+def image_size(path):
+    """(H, W) of an image from its file header, without decoding the pixels; errors as Processor.load_image's."""
+    try:
+        with Image.open(path) as img:
+            return img.size[::-1]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def plan(rec, mode, proc, args):
+    """(prompt ids, prompt text) of one record, the image's token count from its header size; or an error string."""
+    sizes = []
+    if rec.get("image"):
+        try:
+            sizes = [image_size(os.path.join(args.image_root, rec["image"]))]
+        except (OSError, ValueError) as e:
+            return str(e)
+    text = model_prompt(rec, mode)
+    ids, _ = proc.tokenize([{"from": "human", "value": text}], sizes, template=args.template,
+                           add_generation_prompt=True)
+    return ids, text
+
+
+class BatchImages(torch.utils.data.Dataset):
+    """Item i: the images of batch i decoded and preprocessed (in a DataLoader worker, just ahead of the model):
+    (i, pixel_values (n, P, 3, S, S), image_sizes (n, 2), {position in the batch: error} for images that fail)."""
+
+    def __init__(self, batches, image_processor, image_root):
+        self.paths = [[rec.get("image") for rec, _ in batch] for batch in batches]
+        self.image_processor, self.image_root = image_processor, image_root
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from model.processor import load_image
+        images, errors = [], {}
+        for k, path in enumerate(self.paths[i]):
+            if path:
+                try:
+                    images.append(load_image(os.path.join(self.image_root, path)))
+                except (OSError, ValueError) as e:
+                    errors[k] = str(e)
+        pv, sizes = self.image_processor(images)
+        return i, pv, sizes, errors
+
+
+def run_generation(model, proc, todo, mode, args, writer, main=True):
+    """Batched greedy answers (left-padded prompts, positions from the mask: batch size does not change them).
+    Prompts are tokenized up front (image sizes from the file headers) and sorted by length, so that a batch holds
+    similar lengths; the pixels are decoded batch by batch in DataLoader workers, never all at once."""
     from model.generation import left_pad
     device = model.output_weight.device
     max_new = args.max_new_tokens if mode == "cot" else args.max_new_tokens_direct
     eos = set(model.eos_token_ids)
-    bar = tqdm(total=len(todo), desc=f"eval {mode}", unit="q", dynamic_ncols=True)
-    prepared = [(rec, prepare(rec, mode, proc, args)) for rec in todo]
-    # similar lengths together: less padding
-    prepared.sort(key=lambda x: len(x[1][0]) if not isinstance(x[1], str) else 0)
-    for b in range(0, len(prepared), args.batch_size):
-        chunk = prepared[b:b + args.batch_size]
-        ok = [(r, p) for r, p in chunk if not isinstance(p, str)]
-        for rec, err in ((r, p) for r, p in chunk if isinstance(p, str)):
-            writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "error": err, "score": 0.0,
-                          "format_ok": False, "gold": rec["answers"], "family": family_of(rec)})
-        if ok:
-            ids, mask = left_pad([p[0] for _, p in ok], pad_id=0)
-            with_img = [p for _, p in ok if p[1] is not None]
-            pv = torch.cat([_pad_crops(p[1], max(q[1].shape[1] for q in with_img)) for p in with_img]).to(
-                device) if with_img else None
-            sizes = torch.cat([p[2] for p in with_img]) if with_img else None
-            out = model.generate(ids.to(device), pv, sizes, mask.to(device), max_new_tokens=max_new)
-            for (rec, p), row in zip(ok, out.tolist()):
-                stop = next((i for i, t in enumerate(row) if t in eos), len(row))
-                text = proc.decode(row[:stop])
-                ans, s, fmt_ok = grade(rec, text, mode)
-                writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "prompt": p[3],
-                              "output": text, "answer": ans, "score": s, "format_ok": fmt_ok, "gold": rec["answers"],
-                              "family": family_of(rec)})
-        bar.update(len(chunk))
+    bar = tqdm(total=len(todo), desc=f"eval {mode}", unit="q", dynamic_ncols=True, disable=not main)
+
+    def failed(rec, err):
+        writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "error": err, "score": 0.0,
+                      "format_ok": False, "gold": rec["answers"], "family": family_of(rec)})
+        bar.update(1)
+
+    planned = []
+    for rec in todo:
+        p = plan(rec, mode, proc, args)
+        if isinstance(p, str):
+            failed(rec, p)
+        else:
+            planned.append((rec, p))
+    planned.sort(key=lambda x: len(x[1][0]))            # similar lengths together: less padding
+    batches = [planned[b:b + args.batch_size] for b in range(0, len(planned), args.batch_size)]
+    if not batches:
+        bar.close()
+        return
+    loader = torch.utils.data.DataLoader(BatchImages(batches, proc.image_processor, args.image_root), batch_size=None,
+                                         num_workers=args.workers)
+    for b, pv, sizes, errors in loader:
+        for k, err in errors.items():
+            failed(batches[b][k][0], err)
+        ok = [x for k, x in enumerate(batches[b]) if k not in errors]
+        if not ok:
+            continue
+        ids, mask = left_pad([p[0] for _, p in ok], pad_id=0)
+        images = len(pv) > 0
+        out = model.generate(ids.to(device), pv.to(device) if images else None, sizes if images else None,
+                             mask.to(device), max_new_tokens=max_new)
+        for (rec, p), row in zip(ok, out.tolist()):
+            stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+            text = proc.decode(row[:stop])
+            ans, s, fmt_ok = grade(rec, text, mode)
+            writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "prompt": p[1], "output": text,
+                          "answer": ans, "score": s, "format_ok": fmt_ok, "gold": rec["answers"],
+                          "family": family_of(rec)})
+        bar.update(len(ok))
     bar.close()
 
 
-def _pad_crops(pv, P):
-    """(1, p, 3, S, S) -> (1, P, 3, S, S): images of a batch share one crop dimension."""
-    if pv.shape[1] == P:
-        return pv
-    return torch.cat([pv, pv.new_zeros(pv.shape[0], P - pv.shape[1], *pv.shape[2:])], 1)
-
-
-def run_rerank(model, proc, todo, args, writer, dtype, device):
+def run_rerank(model, proc, todo, args, writer, dtype, device, main=True):
     """N sampled CoT answers per question; picks by majority vote, by the best implicit reward
     beta * (log pi_dpo - log pi_ref), and by reward-weighted voting (weights softmax(reward))."""
     from model.generation import sequence_logprobs
@@ -231,7 +298,7 @@ def run_rerank(model, proc, todo, args, writer, dtype, device):
         load(args.reward_model, dtype, device)[0]
     reference = load(args.reference, dtype, device)[0]
     eos = set(model.eos_token_ids)
-    for rec in tqdm(todo, desc=f"rerank x{args.rerank}", unit="q", dynamic_ncols=True):
+    for rec in tqdm(todo, desc=f"rerank x{args.rerank}", unit="q", dynamic_ncols=True, disable=not main):
         p = prepare(rec, "cot", proc, args)
         if isinstance(p, str):
             for m in ("cot majority", "cot best-of-n", "cot weighted"):
@@ -266,6 +333,45 @@ def run_rerank(model, proc, todo, args, writer, dtype, device):
                           "score": score(rec["dataset"], ans, rec["answers"], rec.get("choices"), rec.get("meta")),
                           "format_ok": True, "samples": texts if m == "cot best-of-n" else None,
                           "rewards": rewards if m == "cot best-of-n" else None})
+
+
+# ------------------------------------------------------------------------------------------------ predictions files
+
+MODES = ("direct", "cot", "cot majority", "cot best-of-n", "cot weighted")
+
+
+def mine(todo, what, d):
+    """This process's share of the records left: every world-th one, from its rank on."""
+    share = todo[d.rank::d.world]
+    if d.distributed:
+        print(f"[rank {d.rank}/{d.world}] {what}: {len(share)} of {len(todo)} records left", flush=True)
+    return share
+
+
+def part_files(out):
+    """The per-process prediction files of a torchrun run (or of a killed one, with any number of processes)."""
+    return sorted(glob.glob(os.path.join(out, "predictions.rank*.jsonl")))
+
+
+def merge(pred_path, parts, records):
+    """predictions.jsonl and the part files -> predictions.jsonl: one row per (id, mode), in record order and then
+    mode order (what one process writes too); the part files go once their rows are in. Rows of records not in
+    this run keep their order, after the others."""
+    order = {str(r["id"]): i for i, r in enumerate(records)}
+    rows, seen = [], set()
+    for path in ([pred_path] if os.path.exists(pred_path) else []) + parts:
+        for _, row in read_jsonl(path):
+            key = (str(row["id"]), row["mode"])
+            if key not in seen:                        # a kill between the merge and the clean-up: rows twice
+                seen.add(key)
+                rows.append(row)
+    rows.sort(key=lambda r: (order.get(str(r["id"]), len(order)),
+                             MODES.index(r["mode"]) if r["mode"] in MODES else len(MODES)))
+    with open(pred_path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(pred_path + ".tmp", pred_path)
+    for path in parts:
+        os.remove(path)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -309,6 +415,7 @@ def main(argv=None):
 
     if not (args.model and args.data):
         raise SystemExit("error: --model and --data are needed (or --rescore)")
+    d = Dist()
     try:
         records = []
         for path in args.data:
@@ -319,29 +426,38 @@ def main(argv=None):
     unknown = sorted({r["dataset"] for r in records} - set(FAMILIES))
     if unknown:
         raise SystemExit(f"error: unknown dataset(s) {unknown}; known: {sorted(FAMILIES)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype_of(args.dtype, device)
-    model, proc = load(args.model, dtype, device)
+    dtype = dtype_of(args.dtype, d.device)
+    model, proc = load(args.model, dtype, d.device)
 
-    repair_tail(pred_path)                             # a run killed mid-write: drop its half line
-    done = {(str(r["id"]), r["mode"]) for _, r in read_jsonl(pred_path)} if os.path.exists(pred_path) else set()
-    writer = Appender(pred_path)
+    # ---- what is left: every process reads the same finished rows before any process writes
+    if d.main:                                         # a run killed mid-write: drop its half lines
+        for path in [pred_path] + part_files(args.out):
+            repair_tail(path)
+    d.barrier()
+    done = {(str(r["id"]), r["mode"]) for path in [pred_path] + part_files(args.out) if os.path.exists(path)
+            for _, r in read_jsonl(path)}
+    d.barrier()
+    writer = Appender(os.path.join(args.out, f"predictions.rank{d.rank}.jsonl") if d.distributed else pred_path)
     modes = ["direct", "cot"] if args.mode == "both" else [args.mode]
     if args.rerank:
         todo = [r for r in records if (r["id"], "cot best-of-n") not in done]
-        print(f"{len(records)} records, {len(records) - len(todo)} already reranked")
-        run_rerank(model, proc, todo, args, writer, dtype, device)
+        print0(f"{len(records)} records, {len(records) - len(todo)} already reranked")
+        run_rerank(model, proc, mine(todo, "rerank", d), args, writer, dtype, d.device, d.main)
     else:
         for mode in modes:
             todo = [r for r in records if (r["id"], mode) not in done]
-            print(f"{mode}: {len(records)} records, {len(records) - len(todo)} already done")
-            run_generation(model, proc, todo, mode, args, writer)
+            print0(f"{mode}: {len(records)} records, {len(records) - len(todo)} already done")
+            run_generation(model, proc, mine(todo, mode, d), mode, args, writer, d.main)
     writer.close()
-    wanted = {(r["id"], m) for r in records for m in (
-        ["cot majority", "cot best-of-n", "cot weighted"] if args.rerank else modes)}
-    rows = [r for _, r in read_jsonl(pred_path) if (str(r["id"]), r["mode"]) in wanted]
-    md = table(rows, args.out)
-    print(md + f"wrote {pred_path}, {os.path.join(args.out, 'results.md')}")
+    d.barrier()
+    if d.main:
+        merge(pred_path, part_files(args.out), records)
+        wanted = {(r["id"], m) for r in records for m in (
+            ["cot majority", "cot best-of-n", "cot weighted"] if args.rerank else modes)}
+        rows = [r for _, r in read_jsonl(pred_path) if (str(r["id"]), r["mode"]) in wanted]
+        md = table(rows, args.out)
+        print(md + f"wrote {pred_path}, {os.path.join(args.out, 'results.md')}")
+    d.close()
     return 0
 
 

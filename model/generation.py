@@ -2,63 +2,93 @@
 
 DPO samples 32 rationales per question (paper §5.1) and every question carries up to ~2,900 image tokens, so the
 prompt is encoded once (the vision tower runs once per image) and its keys/values are shared by all n
-continuations: in each decode step the n samples of a prompt are extra query rows of one matmul against that
-prompt's cached keys, and only the generated tokens have per-sample keys. Both caches are preallocated; prompts
-whose samples have all stopped are dropped from the batch.
+continuations. A decode step is one attention call (torch SDPA) per layer: for each prompt and key/value head the
+n samples x G query heads are the query rows, the keys are the prompt's followed by every generated token of its n
+samples, and a bias built once lets each row see only the prompt's real tokens and its own sample's tokens. The
+prompt's keys are read once per step for all n samples, never copied per sample. (The price: each row also scores
+its sibling samples' tokens, masked out, so the generated part costs n times its share of the matmuls; that is
+small next to the prompt until n * new tokens outgrows it, and needs no kernel beyond SDPA.) The cache is
+preallocated once; a prompt whose samples have all stopped leaves the batch by moving one live prompt into its slot.
 """
 
 import torch
 import torch.nn.functional as F
 
 import kernels
-from model.llama import causal_padding_mask
 
 
 class KVCache:
-    """Keys/values of B prompts (shared by their n samples) and of the B*n generated continuations."""
+    """Keys/values of B prompts and of their B*n generated continuations, per layer in the layout decode attention
+    reads, (B, Hkv, S + n * max_new, D): positions 0..S-1 hold the (left-padded) prompt; the token that sample j
+    generates at step t sits at S + t*n + j, so after step t the first S + (t+1)*n positions are exactly the filled
+    ones and attention reads a plain slice (no per-step copy, permute or concatenation of the prompt's keys)."""
 
     def __init__(self, cfg, B, S, n, max_new, dtype, device, prompt_mask):
-        L, H, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        self.pk = torch.zeros(L, B, S, H, D, dtype=dtype, device=device)
-        self.pv = torch.zeros_like(self.pk)
-        self.gk = torch.zeros(L, B * n, max_new, H, D, dtype=dtype, device=device)
-        self.gv = torch.zeros_like(self.gk)
-        self.prompt_mask = prompt_mask.bool()          # (B, S): False on left padding
-        self.n, self.t = n, 0                          # samples per prompt, generated positions filled
+        L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        G = cfg.num_attention_heads // Hkv
+        K = S + n * max_new
+        self.k = torch.zeros(L, B, Hkv, K, D, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        prompt_mask = prompt_mask.bool()                   # (B, S): False on left padding
+        # query row j*G + g of a prompt (sample j, query head g of a key/value head) may see the prompt's real tokens
+        # and the tokens its own sample generated; an additive bias (0 / -inf) in the model's dtype, so attention
+        # takes it as is. Its rows are padded to a multiple of 16 so that slices of it stay aligned for the fused
+        # CUDA kernels (an unaligned bias is copied on every call).
+        sample = torch.arange(n, device=device).repeat_interleave(G)                               # (n*G,)
+        own = (torch.arange(n * max_new, device=device) % n)[None, :] == sample[:, None]           # (n*G, n*max_new)
+        seen = torch.cat([prompt_mask[:, None, :].expand(B, n * G, S), own.expand(B, n * G, n * max_new)], -1)
+        self.bias = torch.zeros(B, 1, n * G, -(-K // 16) * 16, dtype=dtype, device=device)
+        self.bias[:, 0, :, :K].masked_fill_(~seen, float("-inf"))                                  # (B, 1, n*G, K')
+        # the prompt pass runs on the real tokens only, packed (varlen attention): no (B, S, S) mask
+        self.packed = None
+        if not bool(prompt_mask.all()):
+            lengths = prompt_mask.sum(-1)
+            cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+            self.packed = prompt_mask.flatten().nonzero()[:, 0], cu, int(lengths.max())
+        self.S, self.n, self.t = S, n, 0                  # prompt length, samples per prompt, decode step
         self.prefilling = True
 
     def attend(self, layer, q, k, v):
-        if self.prefilling:                             # the prompt itself: ordinary causal attention
-            self.pk[layer], self.pv[layer] = k, v
-            mask = None if bool(self.prompt_mask.all()) else causal_padding_mask(self.prompt_mask, q.shape[1])
-            return kernels.attention(q, k, v, causal=True, attn_mask=mask)
+        if self.prefilling:                                # the prompt itself: ordinary causal attention
+            self.k[layer, :, :, :self.S] = k.transpose(1, 2)
+            self.v[layer, :, :, :self.S] = v.transpose(1, 2)
+            if self.packed is None:
+                return kernels.attention(q, k, v, causal=True)
+            idx, cu, longest = self.packed                 # real tokens, prompt after prompt; padding outputs stay 0
+            o = kernels.attention(*(x.flatten(0, 1)[idx] for x in (q, k, v)), causal=True, cu_seqlens=cu,
+                                  max_seqlen=longest)                                           # (N, Hq, D)
+            return q.new_zeros(q.shape).flatten(0, 1).index_copy_(0, idx, o).view(q.shape)
         return self._decode(layer, q, k, v)
 
     def _decode(self, layer, q, k, v):
-        """One new token per row: attention over [shared prompt keys | this row's generated keys]."""
+        """One new token per row (rows grouped by prompt, n each): attention over its prompt and its own tokens."""
         R, _, Hq, D = q.shape
-        B, n, Hkv = R // self.n, self.n, k.shape[2]
-        G, t = Hq // Hkv, self.t
-        self.gk[layer, :R, t], self.gv[layer, :R, t] = k[:, 0], v[:, 0]
-        qg = q.view(B, n, Hkv, G, D) * D ** -0.5
-        pk, pv = self.pk[layer, :B], self.pv[layer, :B]                                   # (B, S, Hkv, D)
-        gk, gv = self.gk[layer, :R, :t + 1].view(B, n, t + 1, Hkv, D), self.gv[layer, :R, :t + 1].view(B, n, t + 1,
-                                                                                                      Hkv, D)
-        # the n samples of a prompt are the rows of one matmul against its keys: no per-sample copy of the prompt
-        s_p = torch.einsum("bnhgd,bshd->bnhgs", qg, pk).float()                           # (B, n, Hkv, G, S)
-        s_p = s_p.masked_fill(~self.prompt_mask[:B, None, None, None, :], float("-inf"))
-        s_g = torch.einsum("bnhgd,bnthd->bnhgt", qg, gk).float()                          # (B, n, Hkv, G, t+1)
-        p = torch.softmax(torch.cat([s_p, s_g], -1), -1).to(q.dtype)
-        S = s_p.shape[-1]
-        o = torch.einsum("bnhgs,bshd->bnhgd", p[..., :S], pv) + torch.einsum("bnhgt,bnthd->bnhgd", p[..., S:], gv)
-        return o.reshape(R, 1, Hq, D)
+        n, Hkv = self.n, k.shape[2]
+        B, G = R // n, Hq // Hkv
+        end = self.S + (self.t + 1) * n
+        self.k[layer, :B, :, end - n:end] = k.view(B, n, Hkv, D).transpose(1, 2)                # (B, Hkv, n, D)
+        self.v[layer, :B, :, end - n:end] = v.view(B, n, Hkv, D).transpose(1, 2)
+        q = q.view(B, n, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, n * G, D)                  # (B, Hkv, n*G, D)
+        o = F.scaled_dot_product_attention(q, self.k[layer, :B, :, :end], self.v[layer, :B, :, :end],
+                                           attn_mask=self.bias[:B, :, :, :end])                # (B, Hkv, n*G, D)
+        return o.view(B, Hkv, n, G, D).transpose(1, 2).reshape(R, 1, Hq, D)
 
-    def keep(self, prompts):
-        """Drop the prompts not in `prompts` (a LongTensor of indices into the current batch), with their rows."""
-        rows = (prompts[:, None] * self.n + torch.arange(self.n, device=prompts.device)).flatten()
-        self.pk, self.pv = self.pk[:, prompts], self.pv[:, prompts]
-        self.gk, self.gv = self.gk[:, rows], self.gv[:, rows]
-        self.prompt_mask = self.prompt_mask[prompts]
+    def drop(self, finished):
+        """Drop the prompts flagged in `finished` (bool, one per live prompt) without copying the cache: each hole
+        below the new prompt count is filled by moving one live prompt from above it (its filled positions only).
+        Returns `order`, LongTensor: for each new slot, the old slot it holds (the caller reorders its rows so)."""
+        finished = finished.tolist()
+        keep = len(finished) - sum(finished)
+        order = list(range(keep))
+        holes = [s for s in range(keep) if finished[s]]
+        movers = [s for s in range(keep, len(finished)) if not finished[s]]     # as many as there are holes
+        filled = self.S + self.t * self.n
+        for h, m in zip(holes, movers):
+            self.k[:, h, :, :filled] = self.k[:, m, :, :filled]
+            self.v[:, h, :, :filled] = self.v[:, m, :, :filled]
+            self.bias[h] = self.bias[m]
+            order[h] = m
+        return torch.tensor(order, device=self.k.device)
 
 
 def sample_next(logits, temperature, top_p, top_k, generator):
@@ -76,12 +106,17 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         # drop a token once the tokens before it already hold top_p of the mass (the first one always stays)
         drop = (probs.cumsum(-1) - probs) > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    # inverse-CDF sampling: one uniform draw per row, where torch.multinomial draws one per vocabulary entry (most of
+    # a small model's decode step); the running sum in fp64 keeps even the rarest tokens' shares
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)                              # (R, V)
+    R, total = cdf.shape[0], cdf[:, -1:]
     if isinstance(generator, list):                  # a stream per prompt: its samples ignore the rest of the batch
-        per = probs.shape[0] // len(generator)
-        return torch.cat([torch.multinomial(probs[i * per:(i + 1) * per], 1, generator=g)[:, 0]
-                          for i, g in enumerate(generator)])
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        per = R // len(generator)
+        u = torch.cat([torch.rand(per, 1, generator=g, device=cdf.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = torch.rand(R, 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))   # below the total: lands on a p > 0 token
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 def check_left_padded(attention_mask):
@@ -146,28 +181,27 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     out_lp = torch.zeros(B * n, max_new_tokens, device=device) if return_logprobs else None
     rows = torch.arange(B * n, device=device)          # original row of each live row, grouped by prompt
     done = torch.zeros(B * n, dtype=torch.bool, device=device)
+    samples = torch.arange(n, device=device)
     steps = 0
     for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        tok = sample_next(logits, temperature, top_p, top_k, generator).masked_fill_(done, pad)
         out[rows, t] = tok
-        if return_logprobs:
-            lp = logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-            out_lp[rows, t] = torch.where(done, torch.zeros_like(lp), lp)
-        done = done | torch.isin(tok, eos)
+        if return_logprobs:                            # log-softmax at the sampled token only: no (R, V) copy
+            lp = logits.gather(-1, tok[:, None])[:, 0] - logits.logsumexp(-1)
+            out_lp[rows, t] = lp.masked_fill_(done, 0.0)
+        done |= torch.isin(tok, eos)
         steps = t + 1
-        if bool(done.all()) or t + 1 == max_new_tokens:
-            break
-        # drop prompts whose samples have all stopped: their rows stop costing compute
         group_done = done.view(-1, n).all(-1)
-        if bool(group_done.any()):
-            alive = (~group_done).nonzero()[:, 0]
+        finished = int(group_done.sum())               # the step's one host sync
+        if finished == len(group_done) or t + 1 == max_new_tokens:
+            break
+        cache.t = t                                    # generated positions already in the cache
+        if finished:                                   # prompts whose samples have all stopped leave the batch
+            order = cache.drop(group_done)
             if isinstance(generator, list):
-                generator = [generator[i] for i in alive.tolist()]
-            cache.keep(alive)
-            keep_rows = (alive[:, None] * n + torch.arange(n, device=device)).flatten()
+                generator = [generator[i] for i in order.tolist()]
+            keep_rows = (order[:, None] * n + samples).flatten()
             rows, done, tok, next_pos = rows[keep_rows], done[keep_rows], tok[keep_rows], next_pos[keep_rows]
-        cache.t = t
         # generated tokens are plain text, even an image token id a model may emit
         x = model.language_model.embed_tokens(tok[:, None])
         h = model(inputs_embeds=x, position_ids=(next_pos + t)[:, None], cache=cache, return_hidden=True)

@@ -98,6 +98,44 @@ def test_rerank_with_an_implicit_reward(tiny, tmp_path):
     assert len(best["samples"]) == 3 and best["rewards"] == [0.0, 0.0, 0.0]      # same model: reward 0
 
 
+def test_two_processes_resume_a_killed_run_and_equal_one_process(tiny, tmp_path):
+    """torchrun, 2 processes (gloo), images decoded in a DataLoader worker, resuming a killed 3-process run: its
+    merged rows and a stale rank-2 part file (ending in a half-written line) are kept, not redone; each process
+    answers every other record left; rank 0 merges. predictions.jsonl (in record order) and the results then equal
+    one process's, and no part file is left. A missing image fails when planned, a truncated one (a
+    readable header) in the worker."""
+    import shutil
+    from test_sft import torchrun
+    model, root, _ = tiny
+    recs = [json.loads(line) for line in open(os.path.join(root, "test.jsonl"))][:9]
+    images = tmp_path / "img"
+    for r in recs:
+        os.makedirs(images / os.path.dirname(r["image"]), exist_ok=True)
+        shutil.copy(os.path.join(root, r["image"]), images / r["image"])
+    recs[2]["image"] = "images/missing.png"
+    (images / "images/truncated.png").write_bytes((images / recs[4]["image"]).read_bytes()[:120])
+    recs[4]["image"] = "images/truncated.png"
+    data = tmp_path / "recs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = ["--model", model, "--data", str(data), "--image-root", str(images), "--mode", "both", "--batch-size", "2",
+            "--max-new-tokens", "24", "--max-new-tokens-direct", "6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert evaluate.main(argv + ["--out", str(one), "--workers", "0"]) == 0
+    rows = preds(one)
+    assert len(rows) == 18 and [r["id"] for r in rows[:4]] == [recs[0]["id"]] * 2 + [recs[1]["id"]] * 2
+    assert "image not found" in rows[4]["error"] and "not a readable image" in rows[8]["error"]
+    rows[0]["output"] = rows[11]["output"] = "kept, not redone"
+    os.makedirs(two)
+    (two / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (two / "predictions.rank2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[9:12]) + '{"id": "')
+    log = torchrun(argv + ["--out", str(two), "--workers", "1"], n=2, script="evaluate.py").stdout
+    for rank in (0, 1):                    # 6 of 9 records left in each mode: every other one to each process
+        assert f"[rank {rank}/2] direct: 3 of 6" in log and f"[rank {rank}/2] cot: 3 of 6" in log, log
+    assert preds(two) == rows
+    assert not [f for f in os.listdir(two) if f.startswith("predictions.rank")]
+    assert (two / "results.md").read_text() == (one / "results.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ converters
 
 SAMPLES = {
