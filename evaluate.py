@@ -24,7 +24,6 @@ OUT/predictions.rank{R}.jsonl; rank 0 merges them into predictions.jsonl at the 
 processes) skips the (record, mode) pairs already in the predictions file or a part file left by a killed run.
 """
 
-import argparse
 import glob
 import json
 import math
@@ -36,7 +35,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import Dist, dtype_of, print0
+from common import (ArgumentParser, Dist, check_model_dir, check_out_dir, claim, cli, dtype_of, file_id, model_id,
+                    number, print0, progress)
 from data import answers
 from data.answers import score
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
@@ -44,20 +44,25 @@ from data.prompts import FAMILIES, model_prompt
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
+    pos = number(int, lo=1)
     ap.add_argument("--model", help="Hugging Face LLaVA-NeXT directory to evaluate")
     ap.add_argument("--data", nargs="+", help="QA record JSONL file(s)")
     ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
-    ap.add_argument("--mode", choices=["direct", "cot", "both"], default="both")
+    ap.add_argument("--mode", choices=["direct", "cot", "both"], default="both",
+                    help="the direct prompt, the CoT prompt, or both (the paper reports both)")
     ap.add_argument("--out", required=True, help="output directory: predictions.jsonl, results.md, results.json")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding and preprocessing the images "
-                    "of the next batches (0: in the main process)")
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="CoT answers")
-    ap.add_argument("--max-new-tokens-direct", type=int, default=32)
-    ap.add_argument("--template", choices=["llava", "hf"], default="llava")
-    ap.add_argument("--limit", type=int, default=None, help="first N records of each file")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of another evaluation in --out (only files evaluate.py wrote)")
+    ap.add_argument("--batch-size", type=pos, default=16, help="prompts per generate call (per process)")
+    ap.add_argument("--workers", type=number(int, lo=0), default=2, help="DataLoader workers decoding and "
+                    "preprocessing the images of the next batches (0: in the main process)")
+    ap.add_argument("--max-new-tokens", type=pos, default=512, help="CoT answers")
+    ap.add_argument("--max-new-tokens-direct", type=pos, default=32, help="direct answers")
+    ap.add_argument("--template", choices=["llava", "hf"], default="llava", help="chat template (model/processor.py)")
+    ap.add_argument("--limit", type=pos, default=None, help="first N records of each file")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--rescore", action="store_true", help="re-extract and re-score OUT/predictions.jsonl only")
     ap.add_argument("--gpt-extract", default=None, metavar="MODEL",
                     help="with --rescore: MathVista answers extracted by this OpenAI model, as the official "
@@ -66,12 +71,13 @@ def parse_args(argv=None):
     ap.add_argument("--gpt-confirm", action="store_true", help="send the --gpt-extract requests")
     ap.add_argument("--gpt-base-url", default=None, help="an OpenAI-compatible server for --gpt-extract")
     # DPO as a verifier
-    ap.add_argument("--rerank", type=int, default=0, help="sample N CoT answers per question and pick one")
+    ap.add_argument("--rerank", type=number(int, lo=0), default=0,
+                    help="sample N CoT answers per question and pick one (paper section 5.5; 0: off)")
     ap.add_argument("--reward-model", default=None, help="the DPO model (pi_dpo in the implicit reward)")
     ap.add_argument("--reference", default=None, help="the reference model (pi_sft)")
-    ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --rerank")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--beta", type=number(float, above=0), default=0.1, help="the DPO run's beta (paper: 0.1)")
+    ap.add_argument("--temperature", type=number(float, lo=0), default=1.0, help="sampling temperature for --rerank")
+    ap.add_argument("--seed", type=int, default=0, help="--rerank's sampling streams")
     return ap.parse_args(argv)
 
 
@@ -283,7 +289,7 @@ def run_generation(model, proc, todo, mode, args, writer, main=True):
             ans, s, fmt_ok = grade(rec, text, mode)
             writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": mode, "prompt": p[1], "output": text,
                           "answer": ans, "score": s, "format_ok": fmt_ok, "gold": rec["answers"],
-                          "family": family_of(rec)})
+                          "family": family_of(rec), "choices": rec.get("choices"), "meta": rec.get("meta")})
         bar.update(len(ok))
     bar.close()
 
@@ -378,16 +384,18 @@ def merge(pred_path, parts, records):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     pred_path = os.path.join(args.out, "predictions.jsonl")
+    if args.rescore and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out}: no such directory, nothing to rescore")
+    check_out_dir(args.out)
 
     if args.rescore:                                   # no model, no generation: extraction and metrics again
         if not os.path.exists(pred_path):
             raise SystemExit(f"error: {pred_path} not found: nothing to rescore")
         records = {r["id"]: r for r in load_qa(args.data)} if args.data else {}
         rows = [row for _, row in read_jsonl(pred_path)]
-        blind = sorted({r["dataset"] for r in rows if "output" in r and r["id"] not in records and not r.get(
-            "choices") and r["dataset"] in NEEDS_RECORD})
+        blind = sorted({r["dataset"] for r in rows if "output" in r and r["id"] not in records and "meta" not in r
+                        and r["dataset"] in NEEDS_RECORD})      # rows written before they carried choices and meta
         if blind:
             raise SystemExit(f"error: predictions of {blind} need their QA records (options, answer type) to be "
                              "rescored: pass the records with --data")
@@ -415,6 +423,10 @@ def main(argv=None):
 
     if not (args.model and args.data):
         raise SystemExit("error: --model and --data are needed (or --rescore)")
+    check_model_dir(args.model)
+    for flag, path in (("--reward-model", args.reward_model), ("--reference", args.reference)):
+        if args.rerank and path:
+            check_model_dir(path, flag)
     d = Dist()
     try:
         records = []
@@ -427,7 +439,23 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"error: unknown dataset(s) {unknown}; known: {sorted(FAMILIES)}")
     dtype = dtype_of(args.dtype, d.device)
+    # OUT holds one model's answers: a rerun resumes them only for the same model, data and settings
+    fields = {"stage": "evaluate", "model": model_id(args.model), "data": [file_id(f) for f in args.data],
+              "dtype": str(dtype), "flags": {k: getattr(args, k) for k in (
+                  "template", "max_new_tokens", "max_new_tokens_direct")}}
+    if args.rerank:
+        fields["rerank"] = {"n": args.rerank, "reward_model": model_id(args.reward_model or args.model),
+                            "reference": model_id(args.reference or args.model), "beta": args.beta,
+                            "temperature": args.temperature, "seed": args.seed}
+    created = [os.path.join(args.out, n) for n in ("predictions.jsonl", "results.md", "results.json")] + \
+        part_files(args.out)
+    claim(os.path.join(args.out, "manifest.json"), fields, created, args.overwrite, act=False)
+    d.barrier()
+    if d.main:
+        claim(os.path.join(args.out, "manifest.json"), fields, created, args.overwrite)
+    d.barrier()
     model, proc = load(args.model, dtype, d.device)
+    progress["then"] = "rerun the same command to continue (the answers so far are kept)"
 
     # ---- what is left: every process reads the same finished rows before any process writes
     if d.main:                                         # a run killed mid-write: drop its half lines
@@ -462,4 +490,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -207,3 +207,21 @@ def test_a_step_whose_samples_were_all_skipped_says_so(tiny, tmp_path, capsys):
     assert "step 1/1 | no sample trained: all 4 skipped" in out and "loss 0.0000" not in out
     logged = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert logged == [{"step": 1, "skipped": 4, "lr": logged[0]["lr"]}]
+
+
+def test_evaluation_never_reports_another_models_answers(tiny, tmp_path):
+    """The first round's bug: evaluate.py --model OTHER into a folder holding an earlier model's predictions said
+    "20 already done" and reported them. The folder's manifest names the model's files: another model is refused."""
+    import shutil
+    from common import UserError
+    model, data, _ = tiny
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    argv = ["--data", os.path.join(data, "test.jsonl"), "--image-root", data, "--out", str(tmp_path / "eval"),
+            "--mode", "direct", "--limit", "2", "--max-new-tokens-direct", "3", "--workers", "0"]
+    assert evaluate.main(["--model", model] + argv) == 0
+    assert evaluate.main(["--model", model] + argv) == 0                    # the same model: resumed, nothing redone
+    with pytest.raises(UserError, match=r"model.*--overwrite"):
+        evaluate.main(["--model", str(other)] + argv)
+    assert evaluate.main(["--model", str(other), "--overwrite"] + argv) == 0
+    assert json.load(open(tmp_path / "eval" / "manifest.json"))["model"][0] == str(other)

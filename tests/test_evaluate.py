@@ -126,6 +126,7 @@ def test_two_processes_resume_a_killed_run_and_equal_one_process(tiny, tmp_path)
     assert "image not found" in rows[4]["error"] and "not a readable image" in rows[8]["error"]
     rows[0]["output"] = rows[11]["output"] = "kept, not redone"
     os.makedirs(two)
+    shutil.copy(one / "manifest.json", two / "manifest.json")          # what the killed run had written first
     (two / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     (two / "predictions.rank2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[9:12]) + '{"id": "')
     log = torchrun(argv + ["--out", str(two), "--workers", "1"], n=2, script="evaluate.py").stdout
