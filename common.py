@@ -31,7 +31,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if rng:
             extra.append(rng)
         if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and "%(default)" not in text:
-            extra.append(f"default: %(default)s")
+            extra.append("default: %(default)s")
         return f"{text} ({'; '.join(extra)})" if extra else text
 
 

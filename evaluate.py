@@ -28,7 +28,6 @@ import glob
 import json
 import math
 import os
-import sys
 from collections import Counter, defaultdict
 
 import torch

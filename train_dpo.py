@@ -19,7 +19,6 @@ each token of N pairs coloured by its implicit reward beta * (log pi - log ref).
 import html
 import json
 import os
-import sys
 import time
 from functools import partial
 

@@ -38,7 +38,7 @@ def main():
     if n < 2:
         print(f"fsdp smoke: skipped ({torch.cuda.device_count()} GPU(s); needs 2 or more)")
         return 0
-    from conftest import build_tiny_model_dir       # the tests' tiny model and synthetic data (no download)
+    from conftest import build_tiny_model_dir, teacher_pairs     # the tests' tiny model and data (no download)
     work = tempfile.mkdtemp(prefix="fsdp_smoke_")
     model, data, sft = build_tiny_model_dir(os.path.join(work, "tiny"), n_train=48, n_test=24)
     common = ["--model", model, "--data", sft, "--image-root", data, "--fsdp", "--batch-size", "1", "--grad-accum",
@@ -59,16 +59,7 @@ def main():
         same = len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-3
     checks.append(("SFT resumed from step 3 ends where the straight run ends", same, f"{work}/r2.log"))
     pairs = os.path.join(work, "pairs.jsonl")
-    import random
-    import sample
-    from data.synthetic import teacher
-    rng, rows = random.Random(0), []
-    for line in open(os.path.join(data, "train.jsonl")):
-        rec = json.loads(line)
-        chosen = teacher(rec, rng)
-        body, ans = chosen.rsplit("### Answer: ", 1)
-        rows.append({"id": rec["id"], "image": rec["image"], "question": sample.pair_question(rec),
-                     "chosen": chosen, "rejected": body + "### Answer: " + ans + "0"})
+    rows = teacher_pairs(json.loads(line) for line in open(os.path.join(data, "train.jsonl")))
     with open(pairs, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows[:40])
     with open(pairs + ".dev", "w") as f:

@@ -150,3 +150,18 @@ def build_tiny_model_dir(path, seed=0, level="tiny", n_train=64, n_test=16):
     model.save_pretrained(model_dir)
     Processor(cfg, ImageProcessor([[64, 64]], crop_size=32)).save_pretrained(model_dir)
     return model_dir, data, sft
+
+
+def teacher_pairs(records, seed=0):
+    """DPO pairs the synthetic teacher writes for QA records: chosen = a correct rationale, rejected = the same
+    rationale with a wrong final answer (a tiny random model's own samples may give no pair at all)."""
+    import random
+    import sample
+    from data.synthetic import teacher
+    rng, pairs = random.Random(seed), []
+    for rec in records:
+        chosen = teacher(rec, rng)
+        body, ans = chosen.rsplit("### Answer: ", 1)
+        pairs.append({"id": rec["id"], "image": rec.get("image"), "question": sample.pair_question(rec),
+                      "chosen": chosen, "rejected": body + "### Answer: " + ans + "0"})
+    return pairs

@@ -5,7 +5,6 @@ processes. A command the swaps below do not cover fails the test: the README can
 
 import json
 import os
-import random
 import re
 import shlex
 import shutil
@@ -16,9 +15,7 @@ import time
 
 import pytest
 
-import sample
-from conftest import ROOT, build_tiny_model_dir
-from data.synthetic import teacher
+from conftest import ROOT, build_tiny_model_dir, teacher_pairs
 from fake_openai import FakeOpenAI
 
 
@@ -56,12 +53,7 @@ def world(tmp_path_factory):
         with open(root / name, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in part)
     # pairs the teacher wrote (chosen right, rejected with a wrong answer): a tiny model's own samples may make none
-    rng, pairs = random.Random(0), []
-    for rec in qa:
-        chosen = teacher(rec, rng)
-        body, ans = chosen.rsplit("### Answer: ", 1)
-        pairs.append({"id": rec["id"], "image": rec["image"], "question": sample.pair_question(rec),
-                      "chosen": chosen, "rejected": body + "### Answer: " + ans + "0"})
+    pairs = teacher_pairs(qa)
     for name, part in (("pairs.jsonl", pairs[:12]), ("dev_pairs.jsonl", pairs[12:])):
         with open(root / name, "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in part)

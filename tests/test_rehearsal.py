@@ -15,11 +15,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-import sample
-import train_dpo
-import train_sft
-from conftest import ROOT, build_tiny_model_dir
-from data.synthetic import teacher
+from conftest import ROOT, build_tiny_model_dir, teacher_pairs
 
 
 def launch(script, argv, n):
@@ -77,13 +73,7 @@ def setup(tmp_path_factory):
         dict(t, value=t["value"].replace("<image>\n", "")) for t in r["conversations"]]) for r in rows[:4]]
     missing = [dict(rows[5], id="missing-image", image="images/nope.png")]
     sft_rows = rows + text_only + missing                           # 35 rows: 4 steps of 8, 3 rows left over
-    pairs, rng = [], random.Random(0)
-    for line in open(os.path.join(data, "test.jsonl")):
-        rec = json.loads(line)
-        chosen = teacher(rec, rng)
-        body, ans = chosen.rsplit("### Answer: ", 1)
-        pairs.append({"id": rec["id"], "image": rec["image"], "question": sample.pair_question(rec),
-                      "chosen": chosen, "rejected": body + "### Answer: " + ans + " 1"})
+    pairs = teacher_pairs(json.loads(line) for line in open(os.path.join(data, "test.jsonl")))
     pairs += [dict(p, id=p["id"] + "-text", image=None) for p in pairs[:3]]
     pairs += [dict(pairs[4], id="missing-image", image="images/nope.png")]   # 16 pairs: train 11, dev 5
     return {"model": model, "data": data, "sft": write_jsonl(root / "sft.jsonl", sft_rows),
