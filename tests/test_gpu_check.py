@@ -35,6 +35,9 @@ def test_runner_streams_skips_times_out_and_sets_the_exit_code(capsys):
     assert results["fails"].measured == "exit 3" and results["fails"].ok is False
     assert results["lacks"].ok is None and "no_such_module_for_gpu_check not installed" in results["lacks"].measured
     assert gpu_check.report(list(results.items()), 1.0) == 1
+    # the same hang with its timeout cut short by the budget: not measured, not a failure
+    cut = gpu_check.run_stage(Stage("hangs", stages[1].run, 60), Ctx(), timeout=1)
+    assert cut == [Row("hangs", "skipped: the budget ran out after 1 s", None)]
 
 
 def test_budget_skips_and_perf_misses_exit_2(capsys):
