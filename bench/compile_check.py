@@ -91,11 +91,11 @@ def attention_rows(dt, D, variants):
     for causal, varlen in variants:
         tag = f"{dt} D{D} {'causal' if causal else 'full'}{' varlen' if varlen else ''}"
         common = dict(D=D, BLOCK_D=bd, CAUSAL=causal, VARLEN=varlen, PREC="ieee" if dt == "fp32" else "tf32")
-        for BM, BN, w, s in A.configs("fwd", D):
+        for BM, BN, w, s in A.configs("fwd", D, fp32=dt == "fp32"):
             rows.append((f"attn_fwd {tag}", f"{BM}x{BN} w{w} s{s}", AK._attn_fwd, types,
                          dict(common, BLOCK_M=BM, BLOCK_N=BN), w, s))
         dq_seen = set()
-        for strategy, BN, BM, w, s, BM2, BN2, w2, s2 in A.configs("bwd", D):
+        for strategy, BN, BM, w, s, BM2, BN2, w2, s2 in A.configs("bwd", D, fp32=dt == "fp32"):
             fused = strategy == "fused"
             t = dict(types, DQ="*fp32" if fused else f"*{dt}")
             rows.append((f"attn_bwd_dkdv {tag}", f"{strategy} {BN}x{BM} w{w} s{s}", AK._attn_bwd_dkdv, t,
@@ -114,7 +114,7 @@ def logprobs_rows(dt):
                  DL=f"*{dt}")
     rows = []
     for kind, kernel in (("fwd", L._logprobs_fwd), ("dlogits", L._logprobs_dlogits)):
-        for BM, BV, BK, w, s in L.configs(kind):
+        for BM, BV, BK, w, s in L.configs(kind, fp32=dt == "fp32"):
             rows.append((f"logprobs_{kind} {dt}", f"{BM}x{BV}x{BK} w{w} s{s}", kernel, types,
                          dict(BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PREC="ieee" if dt == "fp32" else "tf32"), w, s))
     return rows

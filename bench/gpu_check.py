@@ -180,13 +180,14 @@ def _attention_case(ctx, label, B, T, H, Hkv, D, causal, lengths=None):
 
 def stage_attention_correct(ctx):
     """bf16 attention at real shapes against SDPA-flash and an fp32 oracle (every config at the first shape)."""
+    from bench.kernels_bench import VARLEN_LENGTHS
     if ctx.dry:
         cases = [("*padded causal GQA 4/2 d64 T=150", 1, 150, 4, 2, 64, True, None),
                  ("packed causal GQA 4/2 d16, 3 seqs", 1, 0, 4, 2, 16, True, [40, 1, 77])]
     else:
         cases = [("*padded causal GQA 32/8 d128 T=4k", 1, 4096, 32, 8, 128, True, None),
                  ("packed causal GQA 32/8 d128, 8 seqs", 1, 0, 32, 8, 128, True,
-                  [2900, 1000, 4096, 333, 1500, 77, 3000, 3478])]
+                  VARLEN_LENGTHS)]
         if not ctx.quick:
             cases += [("padded causal GQA 32/8 d128 T=8k", 1, 8192, 32, 8, 128, True, None),
                       ("CLIP non-causal 16 heads d64 T=577 x4", 4, 577, 16, 16, 64, False, None)]

@@ -51,7 +51,7 @@ def attention_ref(q, k, v, causal=True, cu_seqlens=None, attn_mask=None):
 # fwd: (BLOCK_M, BLOCK_N, warps, stages). bwd: (dQ strategy, BLOCK_N keys, BLOCK_M queries, warps, stages) of the
 # dK/dV kernel, then (BLOCK_M, BLOCK_N, warps, stages) of the dQ kernel for "split". The first entry is the
 # default (small calls); bench/compile_check.py compiles every entry for sm_90: no spills, no mma.sync.
-INTERPRET = dict(fwd=[(32, 16, 4, 1)], bwd=[("fused", 32, 16, 4, 1, 0, 0, 0, 0)],
+INTERPRET = dict(fwd=[(32, 32, 4, 1)], bwd=[("fused", 32, 32, 4, 1, 0, 0, 0, 0)],
                  bwd_deterministic=[("split", 32, 16, 4, 1, 16, 32, 4, 1)])
 CUDA = {
     64: dict(fwd=[(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
@@ -61,14 +61,16 @@ CUDA = {
               bwd=[("fused", 128, 32, 8, 2, 0, 0, 0, 0), ("fused", 128, 16, 8, 3, 0, 0, 0, 0),
                    ("split", 128, 32, 8, 2, 128, 64, 8, 2)]),
 }
+# fp32 runs its matmuls on the FMA units with operands in registers: small tiles, or they spill (tests, parity runs)
+CUDA_FP32 = dict(fwd=[(32, 16, 8, 2)], bwd=[("fused", 32, 16, 8, 2, 0, 0, 0, 0), ("split", 32, 16, 8, 2, 32, 16, 8, 2)])
 TUNE_MIN_T = 1024                        # shorter calls take the default config: timing them would be noise
 
 
-def configs(kind, D, interpret=False, deterministic=False):
+def configs(kind, D, interpret=False, deterministic=False, fp32=False):
     """The candidate configs of kind 'fwd' or 'bwd' for head dim D."""
     if interpret:
         return INTERPRET["bwd_deterministic" if kind == "bwd" and deterministic else kind]
-    cands = CUDA[64 if D <= 64 else 128][kind]
+    cands = CUDA_FP32[kind] if fp32 else CUDA[64 if D <= 64 else 128][kind]
     if kind == "bwd" and deterministic:
         cands = [c for c in cands if c[0] == "split"]
     return cands
@@ -120,7 +122,8 @@ class TritonAttention(torch.autograd.Function):
                 q, k, v, o, lse, cu, *strides, T, H, H // Hkv, D ** -0.5, D=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN,
                 CAUSAL=causal, VARLEN=varlen, PREC=prec, num_warps=warps, num_stages=stages)
 
-        run(tuning.pick(_key("attn_fwd", q, causal, varlen), configs("fwd", D, interpret), run,
+        fp32 = q.dtype == torch.float32
+        run(tuning.pick(_key("attn_fwd", q, causal, varlen), configs("fwd", D, interpret, fp32=fp32), run,
                         tuning.tuning_enabled(q, T >= TUNE_MIN_T)))
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.meta = (causal, varlen, nseq, T, H, Hkv, D)
@@ -159,7 +162,7 @@ class TritonAttention(torch.autograd.Function):
 
         deterministic = torch.are_deterministic_algorithms_enabled()
         key = _key("attn_bwd_det" if deterministic else "attn_bwd", q, causal, varlen)
-        run(tuning.pick(key, configs("bwd", D, interpret, deterministic), run,
+        run(tuning.pick(key, configs("bwd", D, interpret, deterministic, q.dtype == torch.float32), run,
                         tuning.tuning_enabled(q, T >= TUNE_MIN_T)))
         return dq, dk, dv, None, None, None
 

@@ -157,8 +157,11 @@ TUNE_MIN_ROWS = 1024
 _slots = {}                                      # (config, dtype, device) -> resident blocks on the whole GPU
 
 
-def configs(kind, interpret=False):
-    return [INTERPRET] if interpret else CUDA[kind]
+CUDA_FP32 = (32, 64, 32, 4, 2)                  # fp32 matmuls run on the FMA units: small tiles (tests, parity runs)
+
+
+def configs(kind, interpret=False, fp32=False):
+    return [INTERPRET] if interpret else [CUDA_FP32] if fp32 else CUDA[kind]
 
 
 def _splits(h, w, y, cfg, V, row_blocks):
@@ -201,7 +204,8 @@ class TritonLogProbs(torch.autograd.Function):
                                                 num_stages=stages)
             return pm, ps, pt
 
-        cfg = tuning.pick(_key("logprobs_fwd", h), configs("fwd", not h.is_cuda), run,
+        fp32 = h.dtype == torch.float32
+        cfg = tuning.pick(_key("logprobs_fwd", h), configs("fwd", not h.is_cuda, fp32), run,
                           tuning.tuning_enabled(h, M >= TUNE_MIN_ROWS))
         pm, ps, pt = run(cfg)
         m = pm.max(0).values
@@ -227,7 +231,8 @@ class TritonLogProbs(torch.autograd.Function):
                 h, w, y, lse2, g, dl, M, V, d, h.stride(0), w.stride(0), c0, n, dl.stride(0),
                 BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PREC=prec, num_warps=warps, num_stages=stages)
 
-        cfg = tuning.pick(_key("logprobs_dlogits", h), configs("dlogits", not h.is_cuda),
+        fp32 = h.dtype == torch.float32
+        cfg = tuning.pick(_key("logprobs_dlogits", h), configs("dlogits", not h.is_cuda, fp32),
                           lambda cfg: dlogits(cfg, 0, min(C, V)), tuning.tuning_enabled(h, M >= TUNE_MIN_ROWS))
         dh = torch.zeros(M, d, device=h.device, dtype=torch.float32)
         dw = torch.empty_like(w)

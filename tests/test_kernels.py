@@ -48,18 +48,21 @@ def math_attention(q, k, v, causal):
 
 
 def run_attention(fn, q, k, v, do, **kw):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    q, k, v = (x.detach().clone().requires_grad_(do is not None) for x in (q, k, v))
     o = fn(q, k, v, **kw)
+    if do is None:
+        return (o,)
     o.backward(do)
     return o, q.grad, k.grad, v.grad
 
 
-def compare_attention(q, k, v, causal, cu_seqlens=None):
-    do = torch.randn_like(q)
+def compare_attention(q, k, v, causal, cu_seqlens=None, backward=True):
+    do = torch.randn_like(q) if backward else None
+    do64 = do.double() if backward else None
     if cu_seqlens is None:
         ours = run_attention(attention_triton, q, k, v, do, causal=causal)
         pt = run_attention(math_attention, q, k, v, do, causal=causal)
-        ref = run_attention(math_attention, q.double(), k.double(), v.double(), do.double(), causal=causal)
+        ref = run_attention(math_attention, q.double(), k.double(), v.double(), do64, causal=causal)
     else:
         ours = run_attention(attention_triton, q, k, v, do, causal=causal, cu_seqlens=cu_seqlens,
                              max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
@@ -70,7 +73,7 @@ def compare_attention(q, k, v, causal, cu_seqlens=None):
                               for a, b in zip(bounds, bounds[1:])])
 
         pt = run_attention(per_seq, q, k, v, do, causal=causal)
-        ref = run_attention(per_seq, q.double(), k.double(), v.double(), do.double(), causal=causal)
+        ref = run_attention(per_seq, q.double(), k.double(), v.double(), do64, causal=causal)
     for name, a, b, c, f in zip(["out", "dq", "dk", "dv"], ours, pt, ref, [2, 3, 3, 3]):
         check(name, a, b, c, f)
 
@@ -129,20 +132,21 @@ def test_deterministic_mode_takes_the_split_backward():
 
 
 CUDA_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-CUDA_CONFIGS = [(op, D, c) for D in sorted(A.CUDA) for kind, op in (("fwd", "attn_fwd"), ("bwd", "attn_bwd"))
-                for c in A.CUDA[D][kind]]
+OPS = (("fwd", "attn_fwd"), ("bwd", "attn_bwd"))
+CUDA_CONFIGS = [(op, D, c, CUDA_DTYPE) for D in sorted(A.CUDA) for kind, op in OPS for c in A.CUDA[D][kind]] + \
+    [(op, 64, c, torch.float32) for kind, op in OPS for c in A.CUDA_FP32[kind]]
 
 
-@pytest.mark.parametrize("op,D,cfg", CUDA_CONFIGS, ids=lambda x: str(x).replace(" ", ""))
-def test_every_cuda_attention_config(op, D, cfg):
-    """Each config the tuner may pick on a GPU, forced, on two packed causal sequences (a long one with a
-    diagonal and a partial last block, and a short one): the interpreter runs the same tiles as sm_90 would."""
+@pytest.mark.parametrize("op,D,cfg,dtype", CUDA_CONFIGS, ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+def test_every_cuda_attention_config(op, D, cfg, dtype):
+    """Each config the tuner may pick on a GPU, forced, on two packed causal sequences: 200 tokens (with 128-key
+    blocks: diagonal steps, unmasked steps and a partial last block in every pass) and 7: the interpreter runs the
+    same tiles as sm_90 would (head dim 32 for every set: the tiles, not the head dim, are what differ)."""
     g = torch.Generator().manual_seed(D)
-    lengths = [130, 7]
-    q, k, v = (torch.randn(sum(lengths), h, D, generator=g).to(DEVICE, CUDA_DTYPE) for h in (2, 1, 1))
-    cu = torch.tensor([0, 130, 137], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(207, h, 32, generator=g).to(DEVICE, dtype) for h in (2, 1, 1))
+    cu = torch.tensor([0, 200, 207], dtype=torch.int32, device=DEVICE)
     with tuning.force(op, cfg):
-        compare_attention(q, k, v, True, cu)
+        compare_attention(q, k, v, True, cu, backward=op == "attn_bwd")
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -213,13 +217,14 @@ def test_token_logprobs_llama3_vocabulary(monkeypatch):
     compare_logprobs(h, w, torch.tensor([0, 128319, 64000, -100], device=DEVICE))
 
 
-@pytest.mark.parametrize("op,cfg", [(f"logprobs_{k}", c) for k in ("fwd", "dlogits") for c in LP.CUDA[k]],
-                         ids=lambda x: str(x).replace(" ", ""))
-def test_every_cuda_logprobs_config(op, cfg, monkeypatch):
+@pytest.mark.parametrize("op,cfg,dtype", [(f"logprobs_{k}", c, CUDA_DTYPE) for k in ("fwd", "dlogits")
+                                          for c in LP.CUDA[k]] + [("logprobs_fwd", LP.CUDA_FP32, torch.float32)],
+                         ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+def test_every_cuda_logprobs_config(op, cfg, dtype, monkeypatch):
     monkeypatch.setenv("LLAVA_KERNELS", "triton")
     g = torch.Generator().manual_seed(5)
-    h = torch.randn(37, 48, generator=g).to(DEVICE, CUDA_DTYPE)
-    w = (torch.randn(1000, 48, generator=g) * 0.5).to(DEVICE, CUDA_DTYPE)
+    h = torch.randn(37, 48, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(1000, 48, generator=g) * 0.5).to(DEVICE, dtype)
     with tuning.force(op, cfg):
         compare_logprobs(h, w, torch.randint(0, 1000, (37,), generator=g).to(DEVICE))
 
