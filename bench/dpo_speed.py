@@ -1,6 +1,6 @@
 """DPO step throughput on one GPU: pairs/s with a live reference and with precomputed reference log-probs.
 
-    python bench/dpo_speed.py [--steps 10]            # the ~1B config of bench/sft_speed.py, bf16, packed
+    python bench/dpo_speed.py [--steps 10]            # bench/sft_speed.py's GPU config, bf16, packed
     python bench/dpo_speed.py --smoke                 # a tiny config on the CPU: checks the code path only
 
 A step: 2 pairs, chosen and rejected ~2,000 tokens each (a 1x2-grid image: 1,176 image tokens, then text), the 4
