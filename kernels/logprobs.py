@@ -181,6 +181,19 @@ def _splits(h, w, y, cfg, V, row_blocks):
     return tuning.whole_waves(row_blocks, triton.cdiv(V, BV), _slots[key])
 
 
+_MM_OUT_DTYPE = [True]                          # torch.mm(..., out_dtype=) works here (CUDA, torch >= 2.8)
+
+
+def _mm_fp32(a, b):
+    """a @ b as fp32: a 16-bit GEMM with its fp32 accumulator returned as is where torch has it, else rounded."""
+    if a.is_cuda and a.dtype != torch.float32 and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    return (a @ b).float()
+
+
 def _key(kind, h):
     return (kind, str(h.dtype).replace("torch.", ""))
 
@@ -240,6 +253,6 @@ class TritonLogProbs(torch.autograd.Function):
             n = min(C, V - c0)
             dlogits(cfg, c0, n)
             dlc = dl[:, :n]
-            dh += dlc @ w[c0:c0 + n]
+            dh += _mm_fp32(dlc, w[c0:c0 + n])     # summed over chunks in fp32, each chunk's product unrounded
             dw[c0:c0 + n] = dlc.T @ h            # one GEMM over all rows: fp32 accumulators, one rounding
         return dh.to(h.dtype), dw, None
