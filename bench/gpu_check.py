@@ -410,6 +410,12 @@ def report(results, elapsed):
     print("| stage | goal | measured | verdict |\n|---|---|---|---|")
     for name, r in results:
         print(f"| {name} | {r.goal} | {r.measured} | {verdict(r)} |")
+    from kernels import tuning
+    picked = tuning.disk_cache()
+    if picked:
+        print("\nconfigs the tuner picked (device | triton | op, head dim, causal, dtype, packed -> config):")
+        for key, cfg in sorted(picked.items()):
+            print(f"  {key} -> {tuple(cfg)}")
     wrong = sum(r.ok is False and r.kind == "correct" for _, r in results)
     missed = sum(r.ok is False and r.kind == "perf" for _, r in results)
     skipped = sum(r.measured.startswith("skipped") for _, r in results)

@@ -108,8 +108,13 @@ def force(op, config):
 
 
 def chosen():
-    """{key: config} picked so far in this process (bench/gpu_check.py prints it)."""
+    """{key: config} picked so far in this process."""
     return dict(_chosen)
+
+
+def disk_cache():
+    """{"device|triton version|key": config} kept on disk by every process so far (bench/gpu_check.py prints it)."""
+    return _load_disk()
 
 
 def resident_blocks(compiled, device):
