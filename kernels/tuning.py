@@ -2,9 +2,10 @@
 
 pick()             each op has a short list of configs (tile sizes, warps, stages, strategy). On CUDA the first
                    large call of every key (op, head dim, causal, dtype, ...) times each config once on the real
-                   tensors and keeps the fastest: in-process, and in ~/.cache/llava-reasoner/kernel-tune.json so a
-                   later process (or every DDP rank) reuses it. Small calls, the CPU interpreter and
-                   LLAVA_KERNELS_TUNE=0 take the first config of the list without timing.
+                   tensors and keeps the fastest: in-process, and in ~/.cache/llava-reasoner/kernel-tune.json
+                   (LLAVA_KERNELS_TUNE_CACHE) per GPU, Triton version and kernel source, so a later process (or
+                   every DDP rank) reuses it. Small calls, the CPU interpreter and LLAVA_KERNELS_TUNE=0 take the
+                   first config of the list without timing.
 resident_blocks()  how many blocks of a compiled kernel one SM holds at once (registers, shared memory, threads),
                    times the SM count: what a grid must fill in whole waves.
 """
@@ -21,9 +22,22 @@ _forced = {}                    # op name -> config, while force() is active
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llava-reasoner", "kernel-tune.json")
 
 
+def _source_hash():
+    """Of the kernel sources: an edited kernel is timed afresh, not served a winner picked for the old code."""
+    import hashlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha1()
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:10]
+
+
 def _disk_key(key, device):
     import triton
-    return "|".join(map(str, (torch.cuda.get_device_name(device), f"triton {triton.__version__}") + key))
+    return "|".join(map(str, (torch.cuda.get_device_name(device), f"triton {triton.__version__}",
+                              f"kernels {_source_hash()}") + key))
 
 
 def _load_disk():
