@@ -1,6 +1,6 @@
 """DPO step throughput on one GPU: pairs/s with a live reference and with precomputed reference log-probs.
 
-    python bench/dpo_speed.py [--steps 10]            # the ~1B config of bench/sft_speed.py, bf16, packed
+    python bench/dpo_speed.py [--steps 10]            # bench/sft_speed.py's GPU config, bf16, packed
     python bench/dpo_speed.py --smoke                 # a tiny config on the CPU: checks the code path only
 
 A step: 2 pairs, chosen and rejected ~2,000 tokens each (a 1x2-grid image: 1,176 image tokens, then text), the 4
@@ -30,11 +30,11 @@ SMOKE = dict(model_type="llava_next", image_token_index=500, image_grid_pinpoint
                               num_key_value_heads=2, vocab_size=512))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke else "cuda")
     cfg = LlavaNextConfig.from_dict(SMOKE if args.smoke else GPU_CONFIG)
     policy = LlavaNext.from_config(cfg, device=dev).train()
@@ -82,6 +82,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    pairs_s = {}
     for live in (True, False):
         step(live)
         if dev.type == "cuda":
@@ -94,6 +95,8 @@ def main():
         dt = (time.perf_counter() - t) / args.steps
         print(f"DPO step, 2 pairs x 2 x {lens[0]} tokens, {sum(p.numel() for p in policy.parameters()) / 1e9:.2f}B "
               f"params, {'live' if live else 'precomputed'} reference: {dt * 1e3:.0f} ms, {2 / dt:.2f} pairs/s")
+        pairs_s["live" if live else "precomputed"] = 2 / dt
+    return pairs_s
 
 
 if __name__ == "__main__":

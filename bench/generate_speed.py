@@ -291,11 +291,13 @@ def gpu(smoke=False):
         peak = torch.cuda.max_memory_allocated() - weights if not smoke else 0
         tok_s = B * n * (new - 1) / (t_all - t_prefill)
         results[which] = tok_s
+        results[f"{which}_peak_gib"] = peak / 2**30
         print(f"  {which}: prefill + 1 token {t_prefill:.2f}s | all {t_all:.2f}s | decode {tok_s:,.0f} tok/s "
               f"({1e3 * (t_all - t_prefill) / (new - 1):.1f} ms a step) | peak memory over the weights "
               f"{peak / 2**30:.2f} GiB", flush=True)
-    if len(results) == 2:
+    if "before" in results:
         print(f"  decode after / before: {results['after'] / results['before']:.2f}x")
+    return results
 
 
 def main():

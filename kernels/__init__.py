@@ -6,7 +6,9 @@ Which implementation runs is decided at call time by the environment variable LL
   "triton"        always Triton, on any tensor: under TRITON_INTERPRET=1 the real kernels run on CPU tensors,
                   which is how the tests (and anyone auditing them) exercise them without a GPU
 The choice is announced once per op on stderr; a fallback (Triton missing, a head dim it does not support) is
-announced loudly.
+announced loudly. On CUDA each kernel picks its tiles among a few configs by timing them on its first large call
+(kernels/tuning.py; cached in ~/.cache/llava-reasoner/kernel-tune.json); LLAVA_KERNELS_TUNE=0 takes the first
+config without timing.
 """
 
 import os

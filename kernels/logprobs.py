@@ -7,6 +7,8 @@ neither ever holds the [N, V] logits (V = 128,320 for llama3-llava-next: 16k row
   chunked path         plain torch, V in chunks with an online logsumexp; recompute in the backward (CPU default)
   Triton path          forward: one kernel, programs over (row block, V split), the lm_head matmul tiled over V and
                        d with an online logsumexp; per row only (max, sum, target logit) per split leave the chip.
+                       The number of splits fills whole waves of the blocks the GPU can hold at once, computed from
+                       the compiled kernel's registers and shared memory (kernels/tuning.py).
                        backward: per V chunk a kernel recomputes the logits tile and writes dlogits = g (onehot - p)
                        in the input dtype (p and the -1 term in fp32), then two GEMMs give dh (accumulated over chunks
                        in fp32) and that chunk's dW (one GEMM over all rows, fp32 accumulators).
@@ -15,6 +17,8 @@ prompt tokens.
 """
 
 import torch
+
+from kernels import tuning
 
 try:
     import triton
@@ -144,11 +148,54 @@ if triton is not None:
                  mask=mask_m[:, None] & mask_v[None, :])
 
 
-def _tiles(device):
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages)."""
-    if device.type == "cpu":                     # the interpreter: few, large tiles run fastest
-        return 32, 128, 32, 4, 1
-    return 128, 128, 64, 8, 3
+# (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages) per kernel; the first is the default (small calls). On CUDA the first
+# call with at least 1k rows times them (kernels/tuning.py); bench/compile_check.py compiles each for sm_90.
+INTERPRET = (32, 128, 32, 4, 1)                  # the interpreter: few, large tiles run fastest
+CUDA = dict(fwd=[(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
+            dlogits=[(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)])
+TUNE_MIN_ROWS = 1024
+_slots = {}                                      # (config, dtype, device) -> resident blocks on the whole GPU
+
+
+CUDA_FP32 = (32, 64, 32, 4, 2)                  # fp32 matmuls run on the FMA units: small tiles (tests, parity runs)
+
+
+def configs(kind, interpret=False, fp32=False):
+    return [INTERPRET] if interpret else [CUDA_FP32] if fp32 else CUDA[kind]
+
+
+def _splits(h, w, y, cfg, V, row_blocks):
+    """How many V ranges the forward splits into: on CUDA, enough programs to fill whole waves of the blocks the
+    compiled kernel can keep resident (from its real registers and shared memory); 2 in the interpreter."""
+    BM, BV, BK, warps, stages = cfg
+    if not h.is_cuda:
+        return 2
+    key = (cfg, h.dtype, h.device.index)
+    if key not in _slots:
+        dummy = torch.empty(1, device=h.device, dtype=torch.float32)
+        compiled = _logprobs_fwd.warmup(h, w, y, dummy, dummy, dummy, h.shape[0], V, h.shape[1], h.stride(0),
+                                        w.stride(0), BV, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK,
+                                        PREC="ieee" if h.dtype == torch.float32 else "tf32", num_warps=warps,
+                                        num_stages=stages, grid=(1,))
+        _slots[key] = tuning.resident_blocks(compiled, h.device)
+    return tuning.whole_waves(row_blocks, triton.cdiv(V, BV), _slots[key])
+
+
+_MM_OUT_DTYPE = [True]                          # torch.mm(..., out_dtype=) works here (CUDA, torch >= 2.8)
+
+
+def _mm_fp32(a, b):
+    """a @ b as fp32: a 16-bit GEMM with its fp32 accumulator returned as is where torch has it, else rounded."""
+    if a.is_cuda and a.dtype != torch.float32 and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    return (a @ b).float()
+
+
+def _key(kind, h):
+    return (kind, str(h.dtype).replace("torch.", ""))
 
 
 class TritonLogProbs(torch.autograd.Function):
@@ -157,17 +204,23 @@ class TritonLogProbs(torch.autograd.Function):
         h, w = h.contiguous(), w.contiguous()
         M, d = h.shape
         V = w.shape[0]
-        BM, BV, BK, warps, stages = _tiles(h.device)
         prec = "ieee" if h.dtype == torch.float32 else "tf32"
-        # enough V splits to fill the GPU when there are few row blocks
-        row_blocks = triton.cdiv(M, BM)
-        splits = max(1, min(triton.cdiv(V, BV), (264 + row_blocks - 1) // row_blocks)) if h.is_cuda else 2
-        v_per_split = triton.cdiv(triton.cdiv(V, splits), BV) * BV
-        splits = triton.cdiv(V, v_per_split)
-        pm, ps, pt = (torch.empty(splits, M, device=h.device, dtype=torch.float32) for _ in range(3))
-        _logprobs_fwd[(row_blocks, splits)](h, w, y, pm, ps, pt, M, V, d, h.stride(0), w.stride(0), v_per_split,
-                                            BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PREC=prec, num_warps=warps,
-                                            num_stages=stages)
+
+        def run(cfg):
+            BM, BV, BK, warps, stages = cfg
+            row_blocks = triton.cdiv(M, BM)
+            v_per_split = triton.cdiv(triton.cdiv(V, _splits(h, w, y, cfg, V, row_blocks)), BV) * BV
+            splits = triton.cdiv(V, v_per_split)
+            pm, ps, pt = (torch.empty(splits, M, device=h.device, dtype=torch.float32) for _ in range(3))
+            _logprobs_fwd[(row_blocks, splits)](h, w, y, pm, ps, pt, M, V, d, h.stride(0), w.stride(0), v_per_split,
+                                                BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PREC=prec, num_warps=warps,
+                                                num_stages=stages)
+            return pm, ps, pt
+
+        fp32 = h.dtype == torch.float32
+        cfg = tuning.pick(_key("logprobs_fwd", h), configs("fwd", not h.is_cuda, fp32), run,
+                          tuning.tuning_enabled(h, M >= TUNE_MIN_ROWS))
+        pm, ps, pt = run(cfg)
         m = pm.max(0).values
         lse2 = m + torch.log2((ps * torch.exp2(pm - m)).sum(0))
         lse = lse2 * 0.6931471805599453
@@ -179,20 +232,27 @@ class TritonLogProbs(torch.autograd.Function):
         h, w, y, lse2 = ctx.saved_tensors
         M, d = h.shape
         V = w.shape[0]
-        BM, BV, BK, warps, stages = _tiles(h.device)
         prec = "ieee" if h.dtype == torch.float32 else "tf32"
         g = g.float().contiguous()
         C = _chunk(M, V, h.element_size())
-        C = triton.cdiv(C, BV) * BV
+        C = triton.cdiv(C, 256) * 256
         dl = torch.empty(M, min(C, V), device=h.device, dtype=h.dtype)
+
+        def dlogits(cfg, c0, n):
+            BM, BV, BK, warps, stages = cfg
+            _logprobs_dlogits[(triton.cdiv(M, BM), triton.cdiv(n, BV))](
+                h, w, y, lse2, g, dl, M, V, d, h.stride(0), w.stride(0), c0, n, dl.stride(0),
+                BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PREC=prec, num_warps=warps, num_stages=stages)
+
+        fp32 = h.dtype == torch.float32
+        cfg = tuning.pick(_key("logprobs_dlogits", h), configs("dlogits", not h.is_cuda, fp32),
+                          lambda cfg: dlogits(cfg, 0, min(C, V)), tuning.tuning_enabled(h, M >= TUNE_MIN_ROWS))
         dh = torch.zeros(M, d, device=h.device, dtype=torch.float32)
         dw = torch.empty_like(w)
         for c0 in range(0, V, C):
             n = min(C, V - c0)
-            _logprobs_dlogits[(triton.cdiv(M, BM), triton.cdiv(n, BV))](
-                h, w, y, lse2, g, dl, M, V, d, h.stride(0), w.stride(0), c0, n, dl.stride(0),
-                BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PREC=prec, num_warps=warps, num_stages=stages)
+            dlogits(cfg, c0, n)
             dlc = dl[:, :n]
-            dh += dlc @ w[c0:c0 + n]
+            dh += _mm_fp32(dlc, w[c0:c0 + n])     # summed over chunks in fp32, each chunk's product unrounded
             dw[c0:c0 + n] = dlc.T @ h            # one GEMM over all rows: fp32 accumulators, one rounding
         return dh.to(h.dtype), dw, None

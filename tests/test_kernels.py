@@ -5,13 +5,19 @@ On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in c
 (the interpreter's tl.dot is wrong for bf16).
 """
 
+import importlib
+
 import pytest
 import torch
 
 import kernels
 from conftest import DEVICE
+from kernels import tuning
 from kernels.attention import attention_triton
 from kernels.logprobs import ChunkedLogProbs, TritonLogProbs, token_logprobs_ref
+
+A = importlib.import_module("kernels.attention")          # kernels.attention is also the public function
+LP = importlib.import_module("kernels.logprobs")
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     DEVICE == "cpu", reason="bf16 tl.dot is wrong in Triton's CPU interpreter; bf16 is tested on CUDA"))]
@@ -42,18 +48,21 @@ def math_attention(q, k, v, causal):
 
 
 def run_attention(fn, q, k, v, do, **kw):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    q, k, v = (x.detach().clone().requires_grad_(do is not None) for x in (q, k, v))
     o = fn(q, k, v, **kw)
+    if do is None:
+        return (o,)
     o.backward(do)
     return o, q.grad, k.grad, v.grad
 
 
-def compare_attention(q, k, v, causal, cu_seqlens=None):
-    do = torch.randn_like(q)
+def compare_attention(q, k, v, causal, cu_seqlens=None, backward=True):
+    do = torch.randn_like(q) if backward else None
+    do64 = do.double() if backward else None
     if cu_seqlens is None:
         ours = run_attention(attention_triton, q, k, v, do, causal=causal)
         pt = run_attention(math_attention, q, k, v, do, causal=causal)
-        ref = run_attention(math_attention, q.double(), k.double(), v.double(), do.double(), causal=causal)
+        ref = run_attention(math_attention, q.double(), k.double(), v.double(), do64, causal=causal)
     else:
         ours = run_attention(attention_triton, q, k, v, do, causal=causal, cu_seqlens=cu_seqlens,
                              max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
@@ -64,7 +73,7 @@ def compare_attention(q, k, v, causal, cu_seqlens=None):
                               for a, b in zip(bounds, bounds[1:])])
 
         pt = run_attention(per_seq, q, k, v, do, causal=causal)
-        ref = run_attention(per_seq, q.double(), k.double(), v.double(), do.double(), causal=causal)
+        ref = run_attention(per_seq, q.double(), k.double(), v.double(), do64, causal=causal)
     for name, a, b, c, f in zip(["out", "dq", "dk", "dv"], ours, pt, ref, [2, 3, 3, 3]):
         check(name, a, b, c, f)
 
@@ -106,6 +115,38 @@ def test_varlen_equals_padded_per_sequence():
     for a, b in zip(cu.tolist(), cu.tolist()[1:]):
         alone = attention_triton(q[None, a:b], k[None, a:b], v[None, a:b], True)[0]
         torch.testing.assert_close(packed[a:b], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_deterministic_mode_takes_the_split_backward():
+    """Under torch.use_deterministic_algorithms the backward builds dQ in its own kernel (no atomics)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 70, h, 32, generator=g).to(DEVICE) for h in (4, 2, 2))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        compare_attention(q, k, v, causal=True)
+        picked = A.configs("bwd", 32, interpret=DEVICE == "cpu", deterministic=True)
+        assert picked and all(c[0] == "split" for c in picked)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+CUDA_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+OPS = (("fwd", "attn_fwd"), ("bwd", "attn_bwd"))
+CUDA_CONFIGS = [(op, D, c, CUDA_DTYPE) for D in sorted(A.CUDA) for kind, op in OPS for c in A.CUDA[D][kind]] + \
+    [(op, 64, c, torch.float32) for kind, op in OPS for c in A.CUDA_FP32[kind]]
+
+
+@pytest.mark.parametrize("op,D,cfg,dtype", CUDA_CONFIGS, ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+def test_every_cuda_attention_config(op, D, cfg, dtype):
+    """Each config the tuner may pick on a GPU, forced, on two packed causal sequences: 200 tokens (with 128-key
+    blocks: diagonal steps, unmasked steps and a partial last block in every pass) and 7: the interpreter runs the
+    same tiles as sm_90 would (head dim 32 for every set: the tiles, not the head dim, are what differ)."""
+    g = torch.Generator().manual_seed(D)
+    q, k, v = (torch.randn(207, h, 32, generator=g).to(DEVICE, dtype) for h in (2, 1, 1))
+    cu = torch.tensor([0, 200, 207], dtype=torch.int32, device=DEVICE)
+    with tuning.force(op, cfg):
+        compare_attention(q, k, v, True, cu, backward=op == "attn_bwd")
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -176,6 +217,18 @@ def test_token_logprobs_llama3_vocabulary(monkeypatch):
     compare_logprobs(h, w, torch.tensor([0, 128319, 64000, -100], device=DEVICE))
 
 
+@pytest.mark.parametrize("op,cfg,dtype", [(f"logprobs_{k}", c, CUDA_DTYPE) for k in ("fwd", "dlogits")
+                                          for c in LP.CUDA[k]] + [("logprobs_fwd", LP.CUDA_FP32, torch.float32)],
+                         ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+def test_every_cuda_logprobs_config(op, cfg, dtype, monkeypatch):
+    monkeypatch.setenv("LLAVA_KERNELS", "triton")
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(37, 48, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(1000, 48, generator=g) * 0.5).to(DEVICE, dtype)
+    with tuning.force(op, cfg):
+        compare_logprobs(h, w, torch.randint(0, 1000, (37,), generator=g).to(DEVICE))
+
+
 def test_backward_uses_per_row_gradients():
     """DPO sends a different gradient to every row: d(sum_i g_i logp_i)/dh_i must scale with g_i."""
     g = torch.Generator().manual_seed(0)
@@ -195,6 +248,44 @@ def test_bad_labels_are_refused():
         kernels.token_logprobs(torch.randn(2, 4), torch.randn(10, 4), torch.tensor([3, 10]))
 
 
+# ------------------------------------------------------------------------------------------------ tuning
+
+def test_grid_fills_whole_waves():
+    """The log-prob forward's V split: 32 row blocks on 132 one-block SMs -> 4 splits (128 programs, one wave),
+    not 9 (288 programs: 2.2 waves padded to 3)."""
+    assert tuning.whole_waves(32, 1000, 132) == 4
+    assert tuning.whole_waves(128, 1000, 132) == 1
+    assert tuning.whole_waves(1, 3, 132) == 3                 # never more splits than V blocks
+    assert tuning.whole_waves(200, 1000, 132) == 7            # 1400 programs in 11 waves: 96% of the ideal
+
+
+def test_resident_blocks_from_registers_and_shared_memory(monkeypatch):
+    class Props:
+        multi_processor_count, regs_per_multiprocessor = 132, 65536
+        shared_memory_per_multiprocessor, max_threads_per_multi_processor = 228 * 1024, 2048
+
+    class Compiled:
+        def __init__(self, regs, warps, shared):
+            self.n_regs, self.metadata = regs, type("M", (), dict(num_warps=warps, shared=shared))
+
+        def _init_handles(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    assert tuning.resident_blocks(Compiled(254, 8, 96 * 1024), 0) == 132         # registers: 1 block per SM
+    assert tuning.resident_blocks(Compiled(128, 4, 96 * 1024), 0) == 2 * 132     # shared memory: 2
+    assert tuning.resident_blocks(Compiled(32, 4, 0), 0) == 16 * 132             # threads: 2048 / 128
+
+
+def test_tuning_picks_the_first_config_without_a_gpu_and_force_overrides():
+    x = torch.zeros(1)
+    assert not tuning.tuning_enabled(x, large=True)
+    assert tuning.pick(("op",), [(1,), (2,)], lambda c: 1 / 0, tune=False) == (1,)
+    with tuning.force("op", (2,)):
+        assert tuning.pick(("op",), [(1,), (2,)], lambda c: 1 / 0, tune=False) == (2,)
+    assert tuning.pick(("op",), [(1,), (2,)], lambda c: 1 / 0, tune=False) == (1,)
+
+
 # ------------------------------------------------------------------------------------------------ dispatch
 
 def test_switch_is_read_at_call_time(monkeypatch):
@@ -210,6 +301,7 @@ def test_switch_is_read_at_call_time(monkeypatch):
 
 def test_model_runs_on_the_triton_kernels(monkeypatch):
     """Both towers go through kernels.attention: forcing Triton gives the reference model's logits and grads."""
+    pytest.importorskip("transformers")
     from conftest import make_hf_model
     from model import LlavaNext
     from test_model import batch_for
