@@ -26,10 +26,11 @@ _announced = set()
 
 
 def announce(msg):
-    """Print a message once per process, on stderr."""
+    """Print a message once per process, on stderr (under torchrun by rank 0 only: every rank makes the same choice)."""
     if msg not in _announced:
         _announced.add(msg)
-        print(f"[kernels] {msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[kernels] {msg}", file=sys.stderr)
 
 
 def backend(x):
