@@ -74,6 +74,9 @@ def setup(tmp_path_factory):
     missing = [dict(rows[5], id="missing-image", image="images/nope.png")]
     sft_rows = rows + text_only + missing                           # 35 rows: 4 steps of 8, 3 rows left over
     pairs = teacher_pairs(json.loads(line) for line in open(os.path.join(data, "test.jsonl")))
+    # rejected: another question's chain, so that chosen and rejected gradients do not nearly cancel (an answer-only
+    # difference leaves most entries of the DPO gradient at rounding noise, which AdamW's first steps amplify)
+    pairs = [dict(p, rejected=pairs[(i + 1) % len(pairs)]["chosen"]) for i, p in enumerate(pairs)]
     pairs += [dict(p, id=p["id"] + "-text", image=None) for p in pairs[:3]]
     pairs += [dict(pairs[4], id="missing-image", image="images/nope.png")]   # 16 pairs: train 11, dev 5
     return {"model": model, "data": data, "sft": write_jsonl(root / "sft.jsonl", sft_rows),
