@@ -56,6 +56,14 @@ def row_images(row):
     return [] if img is None else [img] if isinstance(img, str) else list(img)
 
 
+def image_path(root, path):
+    """Where a row's image is: relative to --image-root. Released rows that carry their authors' absolute paths
+    (".../image_data/chartqa/x.png") are read from the root as well, as the paper's trainer reads them."""
+    if os.path.isabs(path) and not os.path.exists(path) and "image_data/" in path:
+        path = path.split("image_data/")[-1]
+    return os.path.join(root, path)
+
+
 def messages_of(row, n_images, where):
     """The conversation as {"from", "value"} turns, with LLaVA's conventions: a leading non-human turn is
     dropped, and a row with images but no <image> tag gets "<image>\\n" in front of its first human turn."""
@@ -96,7 +104,7 @@ class SFTDataset(torch.utils.data.Dataset):
             return Skip.of(e, where)
 
     def sample(self, row, where):
-        paths = [os.path.join(self.root, p) for p in row_images(row)]
+        paths = [image_path(self.root, p) for p in row_images(row)]
         turns = messages_of(row, len(paths), where)
         images = [self.proc.load_image(p) for p in paths]
         pixel_values, image_sizes = self.proc.preprocess_images(images)
@@ -128,7 +136,7 @@ def estimate_length(row, processor, image_root):
     n = sum(len(t["value"]) for t in row["conversations"]) / 3.5 + 40
     for p in row_images(row):
         try:
-            with Image.open(os.path.join(image_root, p)) as img:
+            with Image.open(image_path(image_root, p)) as img:
                 n += processor.num_image_tokens(img.size[1], img.size[0])
         except OSError:
             pass
@@ -261,7 +269,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         pair, where = self.pairs[i]
         try:
-            paths = [os.path.join(self.root, p) for p in row_images(pair)]
+            paths = [image_path(self.root, p) for p in row_images(pair)]
             images = [self.proc.load_image(p) for p in paths]
             pixel_values, image_sizes = self.proc.preprocess_images(images)
             cfg = self.proc.config

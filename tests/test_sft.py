@@ -308,3 +308,12 @@ def test_check_data_reports_words_the_word_level_tokenizer_does_not_know(tmp_pat
         train_sft.main(argv("easy"))
     err = capsys.readouterr().err
     assert err.count("warning: unknown words: ") == 1
+
+
+def test_released_rows_with_their_authors_absolute_image_paths_load_from_the_image_root(tmp_path):
+    from data.collate import image_path
+    (tmp_path / "chartqa").mkdir()
+    (tmp_path / "chartqa" / "x.png").write_bytes(b"")
+    assert image_path(str(tmp_path), "chartqa/x.png") == str(tmp_path / "chartqa" / "x.png")
+    assert image_path(str(tmp_path), "/etc/data/vlm_reason/image_data/chartqa/x.png") == str(tmp_path / "chartqa/x.png")
+    assert image_path(str(tmp_path), str(tmp_path / "chartqa" / "x.png")) == str(tmp_path / "chartqa" / "x.png")
