@@ -24,7 +24,6 @@ MathVista images/<pid>.jpg, OCRBench <subset>/..., a TSV's images <index>.<forma
 Multiple-choice answers are stored as letters, with the option texts in "choices".
 """
 
-import argparse
 import csv
 import json
 import os
@@ -176,7 +175,8 @@ CONVERTERS = {"chartqa": chartqa, "aokvqa": aokvqa, "docvqa": docvqa, "infovqa":
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import ArgumentParser, UserError
+    ap = ArgumentParser(__doc__)
     ap.add_argument("benchmark", choices=sorted(CONVERTERS))
     ap.add_argument("--input", required=True, help="the benchmark's annotation file (AI2D: its questions/ folder)")
     ap.add_argument("--out", required=True, help="QA records JSONL to write")
@@ -186,7 +186,10 @@ def main():
     ap.add_argument("--image-dir", default=None, help="TSV input: where its images are written (the records' "
                                                       "image paths are relative to it: give it as --image-root)")
     ap.add_argument("--dataset", default=None, help="vlmeval: the benchmark (default: from the file name)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"--out {args.out} exists; nothing was changed (--overwrite replaces it)")
     kw = {"ids": args.ids, "image_dir": args.image_dir, "dataset": args.dataset}
     if args.split:
         kw["split"] = args.split
@@ -202,4 +205,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from common import cli
+    cli(main)

@@ -17,7 +17,6 @@ Question families: caption (every value), lookup, max_label, min_label, compare,
 step is easy but whose one-shot answer is hard: count_above, count_below, sum, diff, average, ratio, chain.
 """
 
-import argparse
 import json
 import math
 import os
@@ -379,19 +378,22 @@ def generate(out, n, seed, level="easy", families=None, holdout="count_below", n
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import ArgumentParser, number
+    ap = ArgumentParser(__doc__)
     ap.add_argument("--out", required=True, help="output directory (records + images)")
-    ap.add_argument("--n", type=int, required=True, help="number of training records")
+    ap.add_argument("--n", type=number(int, lo=1), required=True, help="number of training records")
     ap.add_argument("--seed", type=int, default=0, help="everything follows from it")
     ap.add_argument("--level", default="easy", choices=list(LEVELS), help="chart difficulty")
     ap.add_argument("--families", nargs="+", default=None, help=f"question families (default: all of {FAMILIES})")
     ap.add_argument("--holdout", default="count_below", help="family kept out of train (test_holdout.jsonl); "
                                                              "'' for none")
-    ap.add_argument("--n-test", type=int, default=None, help="records per test split (default max(100, n/10))")
+    ap.add_argument("--n-test", type=number(int, lo=1), default=None,
+                    help="records per test split (default max(100, n/10))")
     args = ap.parse_args()
     counts = generate(args.out, args.n, args.seed, args.level, args.families, args.holdout or None, args.n_test)
     print(f"wrote {args.out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":
-    main()
+    from common import cli
+    cli(main)

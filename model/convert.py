@@ -9,7 +9,6 @@ LLaVA-Reasoner releases ship). Original checkpoints have no <image> token in the
 mean row). Afterwards the output is reloaded and its logits on a probe prompt compared with the input's.
 """
 
-import argparse
 import os
 import time
 
@@ -67,13 +66,17 @@ def probe_logits(model, processor):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import ArgumentParser, UserError, check_model_dir
+    ap = ArgumentParser(__doc__)
     ap.add_argument("src", help="input model directory (any supported layout)")
-    ap.add_argument("dst", help="output directory (llava-hf layout)")
+    ap.add_argument("dst", help="output directory (llava-hf layout); must be new or empty")
     ap.add_argument("--dtype", default=None, help="output dtype (default: the dtype the input is stored in)")
     ap.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this size")
     ap.add_argument("--no-verify", action="store_true", help="skip reloading the output and comparing logits")
     args = ap.parse_args()
+    check_model_dir(args.src, "src")
+    if os.path.isdir(args.dst) and os.listdir(args.dst):
+        raise UserError(f"{args.dst} is not empty; nothing was changed: give a new or empty output directory")
 
     t0 = time.time()
     dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(args.src)
@@ -98,4 +101,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from common import cli
+    cli(main)
