@@ -23,6 +23,10 @@ LABEL = dict(MODELS)
 GROUPS = [("target", "larger than X (target)"), ("held-out", "smaller than X (held out)"), ("other", "other families")]
 METHODS = [("cot majority", "majority vote"), ("cot best-of-n", "best-of-n, DPO reward"),
            ("cot weighted", "reward-weighted vote"), ("cot likelihood", "best-of-n, SFT likelihood (control)")]
+SHORT = {"base": "base", "arm1": "(1)", "arm2": "(2)", "arm3": "(3)", "arm4": "(4)", "dpo_outcome": "DPO",
+         "rft_outcome": "RFT", "dpo_steps": "DPO steps", "rft_steps": "RFT steps", "majority vote": "majority",
+         "best-of-n, DPO reward": "best-of-n, DPO", "reward-weighted vote": "weighted, DPO",
+         "best-of-n, SFT likelihood (control)": "best-of-n, SFT"}
 
 
 def rows_of(path):
@@ -72,7 +76,7 @@ def collect(work, target, held_out):
                         "right": sum(q.get("correct", 0) + (q.get("correct_with_wrong_steps", 0) if v == "steps"
                                                             else 0) for q in kept),
                         "right_wrong_steps": sum(q.get("correct_with_wrong_steps", 0) for q in kept),
-                        "dpo_steps": len(train),
+                        "dpo_steps": train[-1]["step"] if train else 0,
                         "reward_acc": sum(m["rewards/accuracy"] for m in tail) / len(tail) if tail else None,
                         "margin": sum(m["rewards/margin"] for m in tail) / len(tail) if tail else None,
                         "audit": json.load(open(audit)) if os.path.exists(audit) else None}
@@ -198,14 +202,15 @@ def verifier_table(data, seeds, v):
     return out, curves
 
 
-def report(works, out_dir, target, held_out, seconds=None):
+def report(works, out_dir, target, held_out, seconds=None, setup=""):
     seeds = list(works)
     data = {s: collect(w, target, held_out) for s, w in works.items()}
     n = next((m["scores"] for s in seeds for m in data[s][0].values()), {})
     md = ["# Demo results: the paper's SFT table and DPO section in miniature", "",
           f"Seeds {', '.join(map(str, seeds))}; accuracy %, greedy, the mean over the seeds. Questions per seed: " +
           ", ".join(f"{g} {len(n.get((k, 'direct'), {}))}" for k, g in GROUPS) + ". The paper's numbers (ChartQA, "
-          "and the average of its 8 benchmarks) are beside ours for the direction of each effect, not its size.",
+          "and the average of its 8 benchmarks) are beside ours for the direction of each effect, not its size. "
+          "Format failures are counted over all seeds. " + setup,
           "", "## SFT arms (the paper's Table 2) and DPO (its Table 3)", ""] + sft_table(data, seeds)
     md += ["", "## Findings", "",
            "Each finding is tested on the target family, paired over the same questions (two standard errors of the "
@@ -221,7 +226,7 @@ def report(works, out_dir, target, held_out, seconds=None):
                    "every method).", ""] + table
             curves_all[v] = curves
     md += ["", "## Pairs, DPO training, token rewards", "",
-           "| seed | pairs | questions in the window / sampled | mean sample accuracy | pairs | right answers with a "
+           "| seed | grading | questions in the window / sampled | mean sample accuracy (as graded) | pairs | right answers with a "
            "wrong step | DPO steps | reward accuracy, margin (last quarter) | rejected chains whose most negative "
            "token is at or right after the first error (chance) |", "|---" * 9 + "|"]
     for s in seeds:
@@ -243,7 +248,7 @@ def report(works, out_dir, target, held_out, seconds=None):
             json.dump(old, f, indent=1)
         timings[s] = old
     if any(timings.values()):
-        md += ["", "Job seconds (one core each; sampling and the verifier two): " + "; ".join(
+        md += ["", "Job seconds (each job one core; in the main line sampling and the verifier take two): " + "; ".join(
             f"seed {s}: " + ", ".join(f"{k} {v}" for k, v in t.items()) for s, t in timings.items() if t)]
     text = "\n".join(md) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -259,22 +264,21 @@ def plots(data, seeds, curves, works, out_dir):
             acc = [mean(list(sc.values())) for s in seeds
                    for sc in [data[s][0].get(name, {}).get("scores", {}).get(("target", mode))] if sc]
             if acc:
-                groups.setdefault(label.split(" (control)")[0].replace("format + ", "").replace(" + ", "+"), {})[
-                    "CoT" if mode == "cot" else "direct"] = mean(acc)
+                groups.setdefault(SHORT[name], {})["CoT" if mode == "cot" else "direct"] = mean(acc)
     bar_plot(groups, os.path.join(out_dir, "accuracy.png"), title="accuracy on 'larger than X' (target) by model "
-             "and mode, mean over seeds", W=1000)
+             "and mode, mean over seeds: arms (1)-(4) of the paper's Table 2, then DPO and RFT from (4)", W=900)
     for v, series in curves.items():
         ns = sorted({n for pts in series.values() for n, _ in pts})
-        log = {label: [(ns.index(n), a / 100) for n, a in pts] for label, pts in series.items()}
+        log = {SHORT[label]: [(ns.index(n), a / 100) for n, a in pts] for label, pts in series.items()}
         line_plot(log, os.path.join(out_dir, "verifier.png" if v == "outcome" else f"verifier_{v}.png"),
-                  title=f"DPO as a verifier ({v}-graded pairs): accuracy vs n samples", xlabel="n",
-                  xticks=[(i, str(n)) for i, n in enumerate(ns)], dots=True, W=900)
+                  title=f"DPO as a verifier ({v}-graded pairs): accuracy on the target family vs n samples",
+                  xlabel="n", xticks=[(i, str(n)) for i, n in enumerate(ns)], ylim=(0.5, 1.0), dots=True, W=760)
     for s in seeds:
         sft, dpo = {}, {}
         for name, label in MODELS[1:5]:
             rows = [r for r in rows_of(f"{works[s]}/{name}/metrics.jsonl") if "loss" in r]
             if rows:
-                sft[f"{label} loss"] = [(r["step"], r["loss"]) for r in rows]
+                sft[f"{SHORT[name]} {label.split(' ', 1)[1]}"] = [(r["step"], r["loss"]) for r in rows]
         for key, label in (("loss", "DPO loss"), ("rewards/accuracy", "reward accuracy")):
             rows = [r for r in rows_of(f"{works[s]}/dpo_outcome/metrics.jsonl") if key in r]
             if rows:

@@ -69,22 +69,25 @@ def run_jobs(jobs, slots=2):
     keys of the jobs it reads; a job whose marker (WORK/.done/NAME) holds the same key finished before and is reused.
     A job left with nothing to do (cmd returned None) is skipped, and so is every job that reads from it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")         # one thread per process: two processes fill two cores
-    keys, pending, running, free, seconds = {}, list(jobs), [], slots, {}
+    keys, cmds, pending, running, free, seconds = {}, {}, list(jobs), [], slots, {}
     while pending or running:
         for job in list(pending):
             work, me = job.work, (job.work, job.name)
             if any((work, d) not in keys for d in job.deps):
                 continue
-            pending.remove(job)
             tag = f"{os.path.basename(work)}/{job.name}"
             if any(keys[work, d] is None for d in job.deps):
                 print(f"[{tag}] skipped: {', '.join(d for d in job.deps if keys[work, d] is None)} was")
                 keys[me] = None
+                pending.remove(job)
                 continue
-            cmd = job.cmd() if callable(job.cmd) else job.cmd
+            if me not in cmds:                          # resolved once: what it reads is final
+                cmds[me] = job.cmd() if callable(job.cmd) else job.cmd
+            cmd = cmds[me]
             if cmd is None and job.fn is None:
                 print(f"[{tag}] skipped: nothing to train on")
                 keys[me] = None
+                pending.remove(job)
                 continue
             key = hashlib.sha1(json.dumps([job.name, cmd, [keys[work, d] for d in job.deps]]).encode()).hexdigest()
             for sub in (".done", "logs"):
@@ -93,15 +96,17 @@ def run_jobs(jobs, slots=2):
             if os.path.exists(marker) and open(marker).read() == key:
                 print(f"[{tag}] done before, reused")
                 keys[me] = key
+                pending.remove(job)
                 continue
             if job.fn is not None:                      # a quick step in this process
                 job.fn()
                 open(marker, "w").write(key)
                 keys[me] = key
+                pending.remove(job)
                 continue
-            if job.procs > free:                        # wait for the cores; later jobs wait their turn
-                pending.insert(0, job)
+            if job.procs > free:                        # it keeps its place; the jobs after it wait their turn
                 break
+            pending.remove(job)
             cmd = cmd + ["--overwrite"] * job.overwrite  # a missing or stale marker: start this job over
             if job.procs > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -251,6 +256,8 @@ def main():
                     help="every arm of the paper's Table 2, outcome- and step-graded pairs (default: arms 2, 4)")
     ap.add_argument("--base", default=os.path.join(ROOT, "demo", "base_model"), help="the shipped base model")
     ap.add_argument("--quick", action="store_true", help="a few steps of every stage (the CI test)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the report (results.md, plots, pages) from the runs already in --out; run nothing")
     args = ap.parse_args()
     out = args.out or os.path.join(ROOT, "runs", "demo-full" if args.full else "demo")
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.full else [0])
@@ -261,12 +268,18 @@ def main():
     sizes, full = (QUICK, True) if args.quick else (FULL, args.full)     # --quick: every job, a few steps each
     works = {seed: os.path.join(out, f"seed{seed}") for seed in seeds}
     # one queue for all seeds: a seed's jobs take the cores first, the next seed's fill the gaps
-    seconds = run_jobs([job for seed in seeds for job in seed_jobs(seed, works[seed], args.base, sizes, full)])
+    seconds = {} if args.report_only else run_jobs(
+        [job for seed in seeds for job in seed_jobs(seed, works[seed], args.base, sizes, full)])
     for seed, work in works.items():
-        page = f"{work}/dpo_outcome/token_rewards.html"
-        if os.path.exists(page):
-            shutil.copy(page, os.path.join(out, f"token_rewards_seed{seed}.html"))
-    md = report(works, out, TARGET, HELD_OUT, seconds)
+        for v, name in (("outcome", f"token_rewards_seed{seed}.html"), ("steps", f"token_rewards_steps_seed{seed}.html")):
+            if os.path.exists(f"{work}/dpo_{v}/token_rewards.html"):
+                shutil.copy(f"{work}/dpo_{v}/token_rewards.html", os.path.join(out, name))
+    setup = (f"Recipe: arms 2-4 train the same steps (one epoch of arm 4's rows, batch {sizes['batch']}, lr "
+             f"{sizes['sft_lr']}), arm 1 one epoch of its {sizes['fmt']} charts' rows; DPO from arm 4: beta "
+             f"{sizes['beta']}, lr {sizes['dpo_lr']}, one epoch of {sizes['dpo_batch']} pairs a step; RFT the same "
+             f"steps and lr on the chosen answers; the verifier: {sizes['verifier_n']} samples for each of the first "
+             f"{sizes['verifier_q']} target test questions.")
+    md = report(works, out, TARGET, HELD_OUT, seconds, setup)
     print(md)
     print(f"demo done in {(time.time() - t0) / 60:.1f} minutes; report in {out}/results.md")
 
