@@ -10,8 +10,10 @@
         --mode both --out eval/chartqa --batch-size 32
     # re-extract and re-score saved predictions with the current scorers, no generation
     python evaluate.py --out eval/chartqa --rescore --data chartqa_test_human.jsonl
-    # DPO as a verifier (paper §5.5): N CoT samples per question, picked by beta * log(pi_dpo / pi_sft)
-    python evaluate.py --model runs/dpo/final --data ... --image-root ... --out eval/rerank --mode cot \\
+    # DPO as a verifier (paper §5.5): 16 CoT samples per question from the SFT model, one answer picked from the
+    # first n = 1, 2, 4, 8, 16 by majority vote, best-of-n under beta * log(pi_dpo / pi_sft), reward-weighted voting
+    # and the SFT model's own likelihood
+    python evaluate.py --model runs/sft/final --data ... --image-root ... --out eval/rerank --mode cot \\
         --rerank 16 --reward-model runs/dpo/final --reference runs/sft/final
 
 Prompts: the question (+ lettered options), then the mode suffix our SFT rows use (data/prompts.py). CoT answers
@@ -28,6 +30,7 @@ import glob
 import json
 import math
 import os
+import zlib
 from collections import Counter, defaultdict
 
 import torch
@@ -71,12 +74,18 @@ def parse_args(argv=None):
     ap.add_argument("--gpt-base-url", default=None, help="an OpenAI-compatible server for --gpt-extract")
     # DPO as a verifier
     ap.add_argument("--rerank", type=number(int, lo=0), default=0,
-                    help="sample N CoT answers per question and pick one (paper section 5.5; 0: off)")
+                    help="sample N CoT answers per question from --model (the SFT model) and pick one by majority "
+                         "vote, best-of-N under the DPO implicit reward, reward-weighted voting and the reference's "
+                         "likelihood (paper section 5.5; 0: off)")
+    ap.add_argument("--rerank-sizes", type=pos, nargs="+", default=None,
+                    help="report the picks from the first n samples for each n (default: 1, 2, 4, ... up to N)")
     ap.add_argument("--reward-model", default=None, help="the DPO model (pi_dpo in the implicit reward)")
-    ap.add_argument("--reference", default=None, help="the reference model (pi_sft)")
+    ap.add_argument("--reference", default=None, help="the DPO run's reference, the SFT model (pi_sft)")
     ap.add_argument("--beta", type=number(float, above=0), default=0.1, help="the DPO run's beta (paper: 0.1)")
+    ap.add_argument("--truncate-words", type=number(float, lo=0), default=90,
+                    help="responses are scored cut as the DPO run cut them (train_dpo.py --truncate-words)")
     ap.add_argument("--temperature", type=number(float, lo=0), default=1.0, help="sampling temperature for --rerank")
-    ap.add_argument("--seed", type=int, default=0, help="--rerank's sampling streams")
+    ap.add_argument("--seed", type=int, default=0, help="--rerank's sampling streams (one per question)")
     return ap.parse_args(argv)
 
 
@@ -103,8 +112,7 @@ def table(rows, out):
         name = r["dataset"] + (f" {r['family']}" if r.get("family") else "")
         cells[(name, r["mode"])].append(r)
     datasets = sorted({d for d, _ in cells})
-    modes = [m for m in ("direct", "cot", "cot majority", "cot best-of-n", "cot weighted") if any(
-        k[1] == m for k in cells)]
+    modes = [m for m in MODES if any(k[1] == m for k in cells)]
     results = {}
     for (d, m), rs in cells.items():
         results.setdefault(d, {})[m] = {
@@ -127,7 +135,7 @@ def table(rows, out):
         lines.append(f"| {d} | " + " | ".join(cells_md) + " |")
     lines.append("| **Avg** | " + " | ".join(f"**{avg[m]:.1f}**" for m in modes) + " |")
     paper_md, paper = paper_table(results, modes)
-    md = "\n".join(lines) + "\n" + paper_md
+    md = "\n".join(lines) + "\n" + rerank_table(rows) + paper_md
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -293,56 +301,155 @@ def run_generation(model, proc, todo, mode, args, writer, main=True):
     bar.close()
 
 
+RERANK = ("cot majority", "cot best-of-n", "cot weighted", "cot likelihood")
+
+
+def dpo_rows(rec, texts, proc, image_sizes, args):
+    """Each response as (input ids, targets) exactly as train_dpo.py trains on it (data/collate.PairDataset): the
+    pair's question, the response cut to --truncate-words by the paper's rule, no final end-of-turn token."""
+    from data.collate import PairDataset
+    rows = PairDataset([], proc, args.image_root, args.truncate_words, args.template)
+    question = model_prompt(rec, "cot").replace("<image>\n", "", 1)
+    return [rows.tokenize(question, t, image_sizes, 1 if rec.get("image") else 0) for t in texts]
+
+
+@torch.no_grad()
+def row_logprobs(model, rows, pixel_values, image_sizes, batch_size=16):
+    """Summed log p of each row's target tokens (rows sharing one prompt and its image, encoded once)."""
+    device = model.output_weight.device
+    feats = model.encode_images(pixel_values.to(device), image_sizes) if pixel_values is not None else None
+    out = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        T = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        targets = torch.full((len(chunk), T), -100, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for i, (x, t) in enumerate(chunk):
+            ids[i, :len(x)], targets[i, :len(t)], mask[i, :len(x)] = x, t, 1
+        lp = model(ids.to(device), attention_mask=mask.to(device), targets=targets.to(device),
+                   image_features=feats * len(chunk) if feats is not None else None)
+        out.append(lp.float().sum(-1).cpu())
+    return torch.cat(out).tolist() if out else []
+
+
+def pick(answers, rewards, likelihoods, n):
+    """The answer each method picks from the first n samples: {mode: answer}. Ties go to the earliest sample."""
+    answers, rewards, likelihoods = answers[:n], rewards[:n], likelihoods[:n]
+    votes = Counter(answers)
+    top = max(rewards)
+    weight = defaultdict(float)
+    for a, r in zip(answers, rewards):
+        weight[a] += math.exp(r - top)                 # softmax(reward) summed per answer
+    first = {a: answers.index(a) for a in votes}
+    return {"cot majority": max(votes, key=lambda a: (votes[a], -first[a])),
+            "cot best-of-n": answers[max(range(n), key=lambda i: (rewards[i], -i))],
+            "cot weighted": max(weight, key=lambda a: (weight[a], -first[a])),
+            "cot likelihood": answers[max(range(n), key=lambda i: (likelihoods[i], -i))]}
+
+
 def run_rerank(model, proc, todo, args, writer, dtype, device, main=True):
-    """N sampled CoT answers per question; picks by majority vote, by the best implicit reward
-    beta * (log pi_dpo - log pi_ref), and by reward-weighted voting (weights softmax(reward))."""
-    from model.generation import sequence_logprobs
+    """DPO as a verifier (paper section 5.5): --rerank N CoT samples per question from --model at --temperature (each
+    question its own seeded stream), and for every n in --rerank-sizes the answer picked from the first n of them by
+    majority vote, by best-of-n under the implicit reward beta * (log pi_dpo - log pi_ref) (the highest), by
+    reward-weighted voting (each answer weighted by the sum of softmax(reward) over its samples), and, as a control,
+    by the reference's own likelihood log pi_ref (the SFT model's). Every response is scored as DPO training saw it
+    (dpo_rows). A sample that never stops is kept as a candidate (a verifier faces every sample)."""
+    from model.generation import left_pad
     if not (args.reward_model and args.reference):
         raise SystemExit("error: --rerank needs --reward-model and --reference")
-    reward_model = model if os.path.abspath(args.reward_model) == os.path.abspath(args.model) else \
-        load(args.reward_model, dtype, device)[0]
-    reference = load(args.reference, dtype, device)[0]
+    sizes_n = args.rerank_sizes or [2 ** k for k in range(args.rerank.bit_length()) if 2 ** k <= args.rerank]
+    if max(sizes_n) > args.rerank:
+        raise SystemExit(f"error: --rerank-sizes {max(sizes_n)} is above --rerank {args.rerank}")
+    same = os.path.abspath
+    reward_model = model if same(args.reward_model) == same(args.model) else load(args.reward_model, dtype, device)[0]
+    reference = model if same(args.reference) == same(args.model) else \
+        reward_model if same(args.reference) == same(args.reward_model) else load(args.reference, dtype, device)[0]
     eos = set(model.eos_token_ids)
-    for rec in tqdm(todo, desc=f"rerank x{args.rerank}", unit="q", dynamic_ncols=True, disable=not main):
-        p = prepare(rec, "cot", proc, args)
-        if isinstance(p, str):
-            for m in ("cot majority", "cot best-of-n", "cot weighted"):
-                writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "error": p, "score": 0.0,
-                              "gold": rec["answers"], "family": family_of(rec)})
+    bar = tqdm(total=len(todo), desc=f"rerank x{args.rerank}", unit="q", dynamic_ncols=True, disable=not main)
+    for b in range(0, len(todo), args.batch_size):
+        batch, prompts, images, ok = todo[b:b + args.batch_size], [], [], []
+        for rec in batch:
+            try:
+                image = proc.load_image(os.path.join(args.image_root, rec["image"])) if rec.get("image") else None
+            except (OSError, ValueError) as e:
+                for m in RERANK:
+                    writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "error": str(e), "score": 0.0,
+                                  "gold": rec["answers"], "family": family_of(rec)})
+                bar.update(1)
+                continue
+            ok.append(rec)
+            prompts.append(plan(rec, "cot", proc, args)[0])
+            images += [image] if image else []
+        if not ok:
             continue
-        ids, pv, sizes, _ = p
-        pv = pv.to(device) if pv is not None else None
-        out = model.generate(torch.tensor([ids], device=device), pv, sizes, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, n=args.rerank, seed=args.seed)
-        responses = []
-        for row in out.tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos), len(row))
-            responses.append(row[:stop + 1] if stop < len(row) else row)
-        r_pol = sequence_logprobs(reward_model, ids, responses, pv, sizes)
-        r_ref = sequence_logprobs(reference, ids, responses, pv, sizes)
-        rewards = (args.beta * (r_pol - r_ref)).float().tolist()
-        texts = [proc.decode([t for t in r if t not in eos]) for r in responses]
-        graded = [grade(rec, t, "cot") for t in texts]
-        answers = [g[0] for g in graded]
-        votes = Counter(answers)
-        majority = max(votes, key=lambda a: (votes[a], -answers.index(a)))
-        best = max(range(len(rewards)), key=lambda i: rewards[i])
-        top = max(rewards)
-        weight = defaultdict(float)
-        for a, r in zip(answers, rewards):
-            weight[a] += math.exp(r - top)
-        weighted = max(weight, key=weight.get)
-        for m, ans in (("cot majority", majority), ("cot best-of-n", answers[best]), ("cot weighted", weighted)):
-            writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "answer": ans, "gold": rec["answers"],
-                          "family": family_of(rec),
-                          "score": score(rec["dataset"], ans, rec["answers"], rec.get("choices"), rec.get("meta")),
-                          "format_ok": True, "samples": texts if m == "cot best-of-n" else None,
-                          "rewards": rewards if m == "cot best-of-n" else None})
+        pv, sizes = proc.preprocess_images(images)
+        ids, mask = left_pad(prompts, pad_id=0)
+        out = model.generate(ids.to(device), pv.to(device) if images else None, sizes if images else None,
+                             mask.to(device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             n=args.rerank, seed=[zlib.crc32(f"{args.seed}/{r['id']}".encode()) for r in ok]).tolist()
+        k = 0
+        for q, rec in enumerate(ok):
+            n_img = 1 if rec.get("image") else 0
+            pv_q, sizes_q = (pv[k:k + 1], sizes[k:k + 1]) if n_img else (None, None)
+            k += n_img
+            texts, finished = [], []
+            for row in out[q * args.rerank:(q + 1) * args.rerank]:
+                stop = next((i for i, t in enumerate(row) if t in eos), None)
+                finished.append(stop is not None)
+                texts.append(proc.decode(row[:stop]))
+            rows = dpo_rows(rec, texts, proc, sizes_q, args)
+            pol = row_logprobs(reward_model, rows, pv_q, sizes_q)
+            ref = pol if reference is reward_model else row_logprobs(reference, rows, pv_q, sizes_q)
+            rewards = [args.beta * (x - y) for x, y in zip(pol, ref)]
+            graded = [grade(rec, t, "cot") for t in texts]
+            answers = [g[0] for g in graded]
+
+            def scored(a):
+                return score(rec["dataset"], a, rec["answers"], rec.get("choices"), rec.get("meta"))
+            picks = {n: pick(answers, rewards, ref, n) for n in sizes_n}
+            top = max(sizes_n)
+            for m in RERANK:
+                row = {"id": rec["id"], "dataset": rec["dataset"], "mode": m, "answer": picks[top][m],
+                       "gold": rec["answers"], "family": family_of(rec), "score": scored(picks[top][m]),
+                       "format_ok": True, "n": top, "by_n": {str(n): scored(picks[n][m]) for n in sizes_n}}
+                if m == "cot best-of-n":               # the samples and their scores, once per question
+                    row.update(samples=texts, sample_scores=[g[1] for g in graded], finished=finished,
+                               rewards=rewards, ref_logps=ref)
+                writer.write(row)
+            bar.update(1)
+    bar.close()
+
+
+def rerank_table(rows):
+    """Markdown: accuracy (%) of each picking method against n, per dataset; with the mean accuracy of one sample and
+    the share of questions some sample of the first n answers right (what any picker can reach)."""
+    by = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("by_n"):
+            by[r["dataset"] + (f" {r['family']}" if r.get("family") else "")][r["mode"]].append(r)
+    lines = []
+    for d, modes in sorted(by.items()):
+        ns = sorted({int(n) for rs in modes.values() for r in rs for n in r["by_n"]})
+        lines += ["", f"DPO as a verifier on {d}: accuracy (%) of the answer picked from the first n samples", "",
+                  "| method | " + " | ".join(f"n={n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
+        for m in RERANK:
+            rs = modes.get(m, [])
+            if rs:
+                lines.append(f"| {m[4:]} | " + " | ".join(
+                    f"{100 * sum(r['by_n'].get(str(n), 0) for r in rs) / len(rs):.1f}" for n in ns) + " |")
+        best = [r for r in modes.get("cot best-of-n", []) if r.get("sample_scores")]
+        if best:
+            lines.append("| one sample (mean) | " + " | ".join(
+                f"{100 * sum(sum(r['sample_scores'][:n]) / n for r in best) / len(best):.1f}" for n in ns) + " |")
+            lines.append("| some sample right | " + " | ".join(
+                f"{100 * sum(max(r['sample_scores'][:n]) for r in best) / len(best):.1f}" for n in ns) + " |")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 # ------------------------------------------------------------------------------------------------ predictions files
 
-MODES = ("direct", "cot", "cot majority", "cot best-of-n", "cot weighted")
+MODES = ("direct", "cot") + RERANK
 
 
 def mine(todo, what, d):
@@ -445,7 +552,8 @@ def main(argv=None):
     if args.rerank:
         fields["rerank"] = {"n": args.rerank, "reward_model": model_id(args.reward_model or args.model),
                             "reference": model_id(args.reference or args.model), "beta": args.beta,
-                            "temperature": args.temperature, "seed": args.seed}
+                            "temperature": args.temperature, "seed": args.seed, "sizes": args.rerank_sizes,
+                            "truncate_words": args.truncate_words, "scoring": "as DPO training"}
     created = [os.path.join(args.out, n) for n in ("predictions.jsonl", "results.md", "results.json")] + \
         part_files(args.out)
     claim(os.path.join(args.out, "manifest.json"), fields, created, args.overwrite, act=False)
@@ -479,8 +587,7 @@ def main(argv=None):
     d.barrier()
     if d.main:
         merge(pred_path, part_files(args.out), records)
-        wanted = {(r["id"], m) for r in records for m in (
-            ["cot majority", "cot best-of-n", "cot weighted"] if args.rerank else modes)}
+        wanted = {(r["id"], m) for r in records for m in (RERANK if args.rerank else modes)}
         rows = [r for _, r in read_jsonl(pred_path) if (str(r["id"]), r["mode"]) in wanted]
         md = table(rows, args.out)
         print(md + f"wrote {pred_path}, {os.path.join(args.out, 'results.md')}")

@@ -11,7 +11,9 @@ extracted answer under the dataset's metric; questions whose sample accuracy lie
 question. Out: PAIRS in the released dpo_data format ({"id", "image", "question", "chosen", "rejected"} + the
 sampled accuracy), PAIRS.rft.jsonl (the chosen answers as SFT rows: the rejection-sampling baseline), and
 PAIRS.questions.jsonl (one line per question: accuracy, kept or why not; for the synthetic task also how many
-"correct" samples hold a wrong step). Each process samples every world-th question into its own part files
+samples reach the right answer through a wrong step). On the synthetic task, whose records carry the chart's data,
+--grade steps counts a sample correct only when its answer and every step of its rationale are right; its pairs
+carry the record's meta either way (train_dpo.py's token-reward page finds each rejected chain's first error). Each process samples every world-th question into its own part files
 (PAIRS.rank<r>.jsonl ...); rank 0 merges all parts in question order at the end. Resumable: a rerun of the same
 command (any number of processes) skips the questions already logged; PAIRS.manifest.json records the model, data
 and flags, and a run with other ones is refused (--overwrite, or a new --out); a file sampling did not write is
@@ -51,6 +53,10 @@ def parse_args(argv=None):
                     help="keep questions whose sample accuracy is >= this (paper: 0.25)")
     ap.add_argument("--max-acc", type=number(float, lo=0, hi=1), default=0.85, help="... and <= this (paper: 0.85)")
     ap.add_argument("--pairs-per-question", type=pos, default=3, help="(correct, incorrect) pairs per kept question")
+    ap.add_argument("--grade", choices=["outcome", "steps"], default="outcome",
+                    help="outcome: a sample is correct when its final answer is (the paper); steps: only when every "
+                         "step of its rationale checks against the chart too (the synthetic task, whose records "
+                         "carry the chart's data; data.synthetic.steps_correct)")
     ap.add_argument("--dev-share", type=number(float, lo=0, hi=0.5), default=0.0,
                     help="the pairs of this share of the questions (drawn by --seed) go to PAIRS.dev.jsonl instead, "
                          "held out for train_dpo.py --dev-pairs")
@@ -109,6 +115,9 @@ def main(argv=None):
     except (FormatError, OSError) as e:
         raise SystemExit(f"error: {e}")
     records = records[:args.limit] if args.limit else records
+    if args.grade == "steps" and any(not checkable(r) for r in records):
+        raise UserError("--grade steps needs synthetic records with their chart data (meta); "
+                        f"{sum(not checkable(r) for r in records)} of {len(records)} records have none")
     dtype = dtype_of(args.dtype, d.device)
 
     # ---------------------------------------------------------------- outputs: claimed, repaired, what is done
@@ -122,7 +131,7 @@ def main(argv=None):
     fields = {"stage": "sample", "model": model_id(args.model), "data": [file_id(f) for f in args.data],
               "dtype": str(dtype), "flags": {k: getattr(args, k) for k in (
                   "num_samples", "temperature", "top_p", "max_new_tokens", "min_acc", "max_acc",
-                  "pairs_per_question", "template", "seed", "dev_share")}}
+                  "pairs_per_question", "template", "seed", "dev_share", "grade")}}
     claim(f"{base}.manifest.json", fields, created, args.overwrite, act=False)
     d.barrier()
     if d.main:
@@ -202,7 +211,7 @@ def main(argv=None):
     d.barrier()
     if d.main:
         merge(args.out, base, records, args.dev_share, args.seed)
-        summarize(args.out, base, stats)
+        summarize(args.out, base, stats, args.grade)
     d.close()
     return 0
 
@@ -229,10 +238,17 @@ def drop_orphans(paths, done):
             os.replace(path + ".tmp", path)
 
 
+def checkable(rec):
+    """A record whose rationale steps can be checked: the synthetic task's, with its chart's data."""
+    return rec["dataset"] == "synthetic" and "chart" in (rec.get("meta") or {})
+
+
 def handle(rec, samples, proc, eos, special, args, writers, stats):
     """Grade one question's samples, window it by accuracy, write its pairs, RFT rows and log line. The accuracy is
     over all N samples, as the paper grades them: a sample that never stops (or holds an image / control token)
-    counts as wrong, but is never a rejected answer, since it is cut off rather than wrong in its reasoning."""
+    counts as wrong, but is never a rejected answer, since it is cut off rather than wrong in its reasoning. With
+    --grade steps a right answer reached through a wrong step is an incorrect sample (a possible rejected answer)."""
+    from data.synthetic import steps_correct
     correct, incorrect, wrong_steps, dropped = [], [], 0, 0
     for row in samples:
         stop = next((i for i, t in enumerate(row) if t in eos), None)
@@ -241,11 +257,11 @@ def handle(rec, samples, proc, eos, special, args, writers, stats):
             continue
         text = proc.decode(row[:stop])
         _, s, found = grade(rec, text)
-        if found and s >= 1.0:
+        right = found and s >= 1.0
+        bad_steps = right and checkable(rec) and not steps_correct(rec, text)
+        wrong_steps += bad_steps
+        if right and not (bad_steps and args.grade == "steps"):
             correct.append(text)
-            if rec["dataset"] == "synthetic" and "meta" in rec:
-                from data.synthetic import steps_correct
-                wrong_steps += not steps_correct(rec, text)
         else:
             incorrect.append(text)
     graded = len(correct) + len(incorrect)
@@ -260,7 +276,8 @@ def handle(rec, samples, proc, eos, special, args, writers, stats):
         q = pair_question(rec)
         writers["pairs"].write(*[{"id": f"{rec['id']}-p{k}", "image": rec.get("image"), "question": q, "chosen": c,
                                   "rejected": r, "accuracy": acc, "dataset": rec["dataset"], "answers": rec["answers"],
-                                  "source_id": rec["id"]} for k, (c, r) in enumerate(pairs)])
+                                  "source_id": rec["id"], **({"meta": rec["meta"]} if checkable(rec) else {})}
+                                 for k, (c, r) in enumerate(pairs)])
         writers["rft"].write(*[{"id": f"{rec['id']}-rft{k}", "image": rec.get("image"),
                                 "conversations": [{"from": "human", "value": model_prompt(rec, "cot")},
                                                   {"from": "gpt", "value": c}]}
@@ -303,7 +320,7 @@ def merge(out, base, records, dev_share=0.0, seed=0):
         os.replace(target + ".tmp", target)
 
 
-def summarize(out, base, stats):
+def summarize(out, base, stats, grade="outcome"):
     qs = [q for _, q in read_jsonl(f"{base}.questions.jsonl")] if os.path.exists(f"{base}.questions.jsonl") else []
     n_correct = sum(q.get("correct", 0) for q in qs if q.get("status") == "kept")
     wrong = sum(q.get("correct_with_wrong_steps", 0) for q in qs if q.get("status") == "kept")
@@ -318,8 +335,9 @@ def summarize(out, base, stats):
         print(f"unfinished samples (no stop token within --max-new-tokens, or an image / control token): {unfinished}"
               f"{f' of {n}' if n else ''}; graded wrong, never used as rejected answers")
     if wrong:
-        print(f"outcome-correct samples with a wrong step (kept questions): {wrong} of {n_correct} "
-              f"({100 * wrong / max(n_correct, 1):.0f}%)")
+        right = n_correct + (wrong if grade == "steps" else 0)     # under --grade steps they were graded incorrect
+        print(f"samples with the right answer and a wrong step (kept questions): {wrong} of {right} "
+              f"({100 * wrong / max(right, 1):.0f}%)" + ("; graded incorrect" if grade == "steps" else ""))
 
 
 if __name__ == "__main__":

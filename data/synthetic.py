@@ -331,29 +331,79 @@ def teacher(record, rng, error_rate=0.0):
 
 
 _NUM = r"-?\d+(?:\.\d+)?"                               # a sampled chain may hold "." or "1.2.3" where a number goes
-_READ = re.compile(rf"(?:^|\. )(\w[\w ]*?) is ({_NUM}) ")
+_READ = re.compile(rf"^(\w[\w ]*?) is ({_NUM}) ")
 _ARITH = re.compile(rf"({_NUM}) ([-+/]) ({_NUM}) = ({_NUM}|inf) \.")
-_COMPARE = re.compile(rf"({_NUM}) ([<>]) ({_NUM}) (yes|no)")
+_COMPARE = re.compile(rf"({_NUM}) ([<>]) ({_NUM}) (yes|no)(?: ({_NUM}))?")
+_MARKER = re.compile(r"#+\s*answer\s*:", re.IGNORECASE)      # decoded word-level text reads "### Answer : 2"
+_STEP_END = re.compile(r" \.(?=\s|$)")
+
+
+def chain_steps(text):
+    """[(start, end)]: the character spans of a rationale's steps, the pieces before the answer marker that end in
+    " ." ("A is 6 > 4 yes 1 ."), each with its closing period; a last piece without one is a step too."""
+    m = _MARKER.search(text)
+    body_end = m.start() if m else len(text)
+    spans, start = [], 0
+    for sep in _STEP_END.finditer(text, 0, body_end):
+        spans.append((start, sep.end()))
+        start = sep.end()
+    if text[start:body_end].strip():
+        spans.append((start, body_end))
+    return [(a + len(text[a:b]) - len(text[a:b].lstrip()), b) for a, b in spans]
+
+
+def first_wrong_step(record, text):
+    """The (start, end) character span of the first step of a rationale that does not check against the chart, or
+    None when every step checks. A step is wrong when a value it reads differs from the chart's, when its arithmetic
+    or its comparison is false, or, in the counting families (count_above / count_below), when it compares with
+    another threshold or in the other direction, compares no bar or a bar out of order, or carries a running count
+    that does not follow from the chain's own yes / no. A counting chain that stops before its last bar is wrong at its end (the
+    span (n, n) where its body ends). Sampled text of any shape is read without raising: what does not parse as a
+    step is not checked."""
+    meta = record["meta"]
+    chart, family, params = meta["chart"], meta.get("family"), meta.get("params") or {}
+    val = {nm: v for nm, v in zip(chart["names"], chart["values"])}
+    counting = family in ("count_above", "count_below")
+    op = ">" if family == "count_above" else "<"
+    spans, seen, count = chain_steps(text), 0, 0
+    for a, b in spans:
+        step = text[a:b]
+        read = _READ.match(step)
+        if read:
+            name = read.group(1).strip()
+            if name in val and abs(float(read.group(2)) - round(float(val[name]), 2)) > 1e-6:
+                return a, b
+        for x, o, y, c in _ARITH.findall(step):
+            x, y = float(x), float(y)
+            want = x + y if o == "+" else x - y if o == "-" else (x / y if y else float("inf"))
+            if c == "inf" or abs(round(want, 2) - float(c)) > 1e-6:
+                return a, b
+        compares = _COMPARE.findall(step)
+        if counting and not compares:                     # every step of a counting chain compares one bar
+            return a, b
+        for x, o, y, yn, running in compares:
+            if (float(x) > float(y) if o == ">" else float(x) < float(y)) != (yn == "yes"):
+                return a, b
+            if counting:
+                name = read.group(1).strip() if read else None
+                if o != op or abs(float(y) - float(params.get("x", y))) > 1e-6 or \
+                        seen >= len(chart["names"]) or name != chart["names"][seen]:
+                    return a, b
+                seen += 1
+                count += yn == "yes"
+                if running and abs(float(running) - count) > 1e-6:
+                    return a, b
+    if counting and spans and seen < len(chart["names"]):
+        end = spans[-1][1]
+        return end, end
+    return None
 
 
 def steps_correct(record, text):
-    """True when every value a rationale reads matches the chart and every arithmetic step is right: outcome-correct
+    """True when every step of a rationale checks against the chart (first_wrong_step finds none): outcome-correct
     samples can still hold wrong steps: in our CPU experiments 7-62% of the in-window "correct" samples did, the
     more the weaker the SFT model (the paper's own caveat: wrong chains sometimes reach the right answer)."""
-    chart = record["meta"]["chart"]
-    val = {nm: v for nm, v in zip(chart["names"], chart["values"])}
-    body = text.split(ANSWER_MARKER)[0]
-    for name, v in _READ.findall(body):
-        name = name.strip()
-        if name in val and abs(float(v) - round(float(val[name]), 2)) > 1e-6:
-            return False
-    for a, op, b, c in _ARITH.findall(body):
-        a, b = float(a), float(b)
-        want = a + b if op == "+" else a - b if op == "-" else (a / b if b else float("inf"))
-        if c == "inf" or abs(round(want, 2) - float(c)) > 1e-6:
-            return False
-    x_steps = _COMPARE.findall(body)
-    return all((float(a) > float(b) if op == ">" else float(a) < float(b)) == (yn == "yes") for a, op, b, yn in x_steps)
+    return first_wrong_step(record, text) is None
 
 
 # ------------------------------------------------------------------------------------------------ command line

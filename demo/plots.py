@@ -13,8 +13,9 @@ def _frame(title, W, H):
     return img, d, font
 
 
-def line_plot(series, path, title="", xlabel="step", W=720, H=380):
-    """series: {name: [(x, y), ...]}; one line each, shared axes, a legend."""
+def line_plot(series, path, title="", xlabel="step", W=720, H=380, xticks=None, ylim=None, dots=False):
+    """series: {name: [(x, y), ...]}; one line each, shared axes, a legend. xticks: [(x, label)] under the axis
+    (default: the two ends); ylim: (low, high) instead of the data's range; dots: mark every point."""
     img, d, font = _frame(title, W, H)
     pts = [p for s in series.values() for p in s]
     if not pts:
@@ -22,7 +23,7 @@ def line_plot(series, path, title="", xlabel="step", W=720, H=380):
         return path
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    y0, y1 = (0.0 if y0 >= 0 else y0 - 0.05 * (y1 - y0 or 1)), y1 + 0.05 * (y1 - y0 or 1)
+    y0, y1 = ylim or ((0.0 if y0 >= 0 else y0 - 0.05 * (y1 - y0 or 1)), y1 + 0.05 * (y1 - y0 or 1))
     L, R, T, B = 60, W - 170, 30, H - 40
 
     def xy(x, y):
@@ -34,12 +35,15 @@ def line_plot(series, path, title="", xlabel="step", W=720, H=380):
         d.text((4, xy(x0, y)[1] - 7), f"{y:.3g}", fill=(80, 80, 80), font=font)
         d.line([L, xy(x0, y)[1], R, xy(x0, y)[1]], fill=(235, 235, 235))
     d.text(((L + R) / 2 - 20, B + 12), xlabel, fill="black", font=font)
-    for x in (x0, x1):
-        d.text((xy(x, y0)[0] - 10, B + 4), f"{x:g}", fill=(80, 80, 80), font=font)
+    for x, label in xticks or [(x, f"{x:g}") for x in (x0, x1)]:
+        d.text((xy(x, y0)[0] - 10, B + 4), label, fill=(80, 80, 80), font=font)
     for i, (name, s) in enumerate(series.items()):
         c = COLORS[i % len(COLORS)]
         if len(s) > 1:
             d.line([xy(x, y) for x, y in s], fill=c, width=2)
+        for x, y in s if dots else []:
+            px, py = xy(x, y)
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
         d.line([R + 12, T + 12 + 18 * i, R + 32, T + 12 + 18 * i], fill=c, width=3)
         d.text((R + 38, T + 5 + 18 * i), name, fill="black", font=font)
     img.save(path)

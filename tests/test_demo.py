@@ -16,17 +16,28 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     cmd = [sys.executable, "-m", "demo.run", "--quick", "--out", str(tmp_path)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("data", "distill", "sft", "sample"):
-        assert f"[{stage}] $ " in first.stdout                      # every command is printed
+    for job in ("data", "distill_cot", "distill_fmt_direct", "sft_arm1", "sft_arm2", "sft_arm3", "sft_arm4",
+                "sample_outcome", "sample_steps", "dpo_outcome", "rft_outcome", "verify_outcome", "eval_arm4",
+                "eval_dpo_outcome", "eval_rft_outcome", "eval_base"):
+        assert f"[seed0/{job}] $ " in first.stdout, job                     # every command is printed
+    # a few steps of SFT leave no chain with every step right: the step-graded pairs' jobs say they are skipped
+    # (test_dpo.py checks step grading itself)
+    for job in ("dpo_steps", "rft_steps", "verify_steps", "eval_dpo_steps"):
+        assert f"[seed0/{job}] $ " in first.stdout or f"[seed0/{job}] skipped" in first.stdout, job
     report = (tmp_path / "results.md").read_text()
-    for model in ("base", "direct-only SFT", "CoT SFT"):
-        assert f"| {model} |" in report
-    findings = report[report.index("findings on the target family"):].splitlines()[1:]
-    assert len(findings) >= 3 and all(f.split()[1] in ("yes", "NO", "noise") for f in findings)
-    for png in ("accuracy.png", "sft_seed0.png"):
-        assert (tmp_path / png).stat().st_size > 1000
+    for model in ("(1) format", "(2) format + direct", "(3) format + CoT", "(4) format + direct + CoT",
+                  "DPO from (4)", "RFT from (4) (control)"):
+        assert f"| {model} | direct |" in report and f"| {model} | CoT |" in report, model
+    section = report.split("## Findings")[1].split("\n## ")[0]
+    findings = [line for line in section.splitlines() if line.startswith("| ") and "vs" in line]
+    assert len(findings) >= 8 and all("**holds**" in f or "**does not hold**" in f for f in findings), findings
+    assert "| best-of-n, DPO reward |" in report and "| some sample right" in report
+    for png in ("accuracy.png", "sft_seed0.png", "dpo_seed0.png", "verifier.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    assert "first error" in (tmp_path / "token_rewards_seed0.html").read_text()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "[sft] done before, reused" in again.stdout and "[sft] $ " not in again.stdout
+    assert again.returncode == 0 and "[seed0/sft_arm4] done before, reused" in again.stdout
+    assert " $ " not in again.stdout                                          # nothing ran twice
 
 
 def test_base_number_rows_state_the_true_order():
@@ -43,17 +54,19 @@ def test_base_number_rows_state_the_true_order():
 
 
 def test_findings_pair_the_questions():
-    from demo.run import findings
+    from demo.report import paired, verdict
     # the same 100 questions: the lower side gets 5 of the higher side's 90 right answers wrong, and nothing else
     # differs. Unpaired binomial errors (2 s.e. 9.3 points) would call +5 noise; the paired test sees 5 flips, all
     # one way: 2 s.e. = 2 * sqrt(var(d) / n) = 4.4 points.
     hi = {f"q{i}": float(i < 90) for i in range(100)}
     lo = {f"q{i}": float(i < 85) for i in range(100)}
-    res = {"CoT SFT": {("target", "cot"): 0.90, ("target", "direct"): 0.85,
-                       "scores": {("target", "cot"): hi, ("target", "direct"): lo}}}
-    line = next(f for f in findings(res) if "its CoT over its direct" in f)
-    assert line.startswith("- yes") and "+5.0" in line and "2 s.e. 4.4" in line, line
-    res["CoT SFT"]["scores"][("target", "direct")] = {f"q{i}": float(i < 85 or i >= 95) for i in range(100)}
-    res["CoT SFT"][("target", "direct")] = 0.90     # 5 flips each way: the same accuracy, a zero difference
-    line = next(f for f in findings(res) if "its CoT over its direct" in f)
-    assert line.startswith("- noise") and "+0.0" in line, line
+    per, pooled = paired([(hi, lo)])
+    assert per[0][:2] == (90.0, 85.0) and round(pooled[0], 1) == 5.0 and round(pooled[1], 1) == 4.4
+    assert verdict(">", pooled).startswith("**holds**") and verdict(">=", pooled).startswith("**holds**")
+    # 5 flips each way: the same accuracy, a zero difference: ">" does not hold, ">=" does
+    lo = {f"q{i}": float(i < 85 or i >= 95) for i in range(100)}
+    _, pooled = paired([(hi, lo)])
+    assert pooled[0] == 0.0 and "does not hold" in verdict(">", pooled) and "**holds**" in verdict(">=", pooled)
+    # two seeds pool their questions (the same ids in each seed are different questions)
+    _, pooled = paired([(hi, lo), (lo, {k: v - 1 for k, v in lo.items()})])
+    assert pooled[2] == 200 and verdict(">", pooled).startswith("**holds**")

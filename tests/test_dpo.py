@@ -43,7 +43,8 @@ def setup(tmp_path_factory):
             except ValueError:
                 wrong = {"yes": "no", "no": "yes"}.get(ans, "B" if ans == "A" else "A")
             rows.append({"id": rec["id"] + "-p0", "image": rec["image"], "question": sample.pair_question(rec),
-                         "chosen": chosen, "rejected": body + "### Answer: " + wrong, "dataset": "synthetic"})
+                         "chosen": chosen, "rejected": body + "### Answer: " + wrong, "dataset": "synthetic",
+                         "meta": rec["meta"]})
         paths[split] = os.path.join(root, f"{split}_pairs.jsonl")
         with open(paths[split], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -126,7 +127,7 @@ def grade_question(right, wrong, unfinished, min_acc=0.25):
     written = {"pairs": [], "rft": [], "questions": []}
     writers = {k: SimpleNamespace(write=lambda *rows, k=k: written[k].extend(rows)) for k in written}
     rec = {"id": "q", "image": None, "question": "What is B?", "answers": ["6"], "choices": None, "dataset": "chartqa"}
-    args = SimpleNamespace(min_acc=min_acc, max_acc=0.85, pairs_per_question=3, seed=0)
+    args = SimpleNamespace(min_acc=min_acc, max_acc=0.85, pairs_per_question=3, seed=0, grade="outcome")
     stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
     sample.handle(rec, samples, proc, {0}, set(), args, writers, stats)
     assert stats["dropped samples"] == unfinished
@@ -144,6 +145,32 @@ def test_sample_accuracy_counts_unfinished_samples_as_wrong():
     assert all(p["chosen"].endswith("### Answer: 6") and "then on" not in p["rejected"] for p in pairs)
     log, pairs = grade_question(12, 0, 20)                  # in the window, but every wrong sample is cut off
     assert log["accuracy"] == 12 / 32 and log["status"] == "no pair" and pairs == []
+
+
+def test_step_grading_turns_a_right_answer_with_a_wrong_step_into_a_rejected_one():
+    """--grade steps on a synthetic counting question (gold 2): 4 chains with every step right, 4 with a misread bar
+    that still reach 2, 4 with the answer wrong. Outcome grading: 8 of 12 right (0.67), the misread chains chosen
+    answers too; step grading: 4 of 12 (0.33), the misread chains rejected answers; pairs carry the chart's data."""
+    from types import SimpleNamespace
+    rec = {"id": "q", "image": None, "question": "How many bars are larger than 4?", "answers": ["2"],
+           "choices": None, "dataset": "synthetic", "meta": {"family": "count_above", "params": {"x": 4}, "chart": {
+               "names": list("ABCD"), "values": [6, 3, 8, 1]}}}
+    texts = {1: "A is 6 > 4 yes 1 . B is 3 > 4 no 1 . C is 8 > 4 yes 2 . D is 1 > 4 no 2 .\n\n### Answer: 2",
+             2: "A is 6 > 4 yes 1 . B is 2 > 4 no 1 . C is 8 > 4 yes 2 . D is 1 > 4 no 2 .\n\n### Answer: 2",
+             3: "A is 6 > 4 yes 1 . B is 5 > 4 yes 2 . C is 8 > 4 yes 3 . D is 1 > 4 no 3 .\n\n### Answer: 3"}
+    samples = [[k, 0] for k in (1, 2, 3) for _ in range(4)]
+    proc = SimpleNamespace(decode=lambda ids: "".join(texts[t] for t in ids))
+    for grade, acc, rejected in (("outcome", 8 / 12, {texts[3]}), ("steps", 4 / 12, {texts[2], texts[3]})):
+        written = {"pairs": [], "rft": [], "questions": []}
+        writers = {k: SimpleNamespace(write=lambda *rows, k=k: written[k].extend(rows)) for k in written}
+        args = SimpleNamespace(min_acc=0.25, max_acc=0.85, pairs_per_question=3, seed=0, grade=grade)
+        stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
+        sample.handle(rec, samples, proc, {0}, set(), args, writers, stats)
+        log = written["questions"][0]
+        assert log["accuracy"] == acc and log["correct_with_wrong_steps"] == 4 and log["status"] == "kept", log
+        assert {p["rejected"] for p in written["pairs"]} == rejected and all(
+            p["meta"] == rec["meta"] for p in written["pairs"])
+        assert {p["chosen"] for p in written["pairs"]} <= ({texts[1]} if grade == "steps" else {texts[1], texts[2]})
 
 
 def test_pair_building_window_cap_determinism():
@@ -344,6 +371,26 @@ def test_dpo_lifts_heldout_reward_accuracy_and_writes_the_audit_page(setup, tmp_
     assert dev["dev/loss"] < math.log(2) - 0.02 and dev["dev/margin"] > 0.02 and dev["dev/accuracy"] > 0.55, dev
     page = open(out / "token_rewards.html").read()
     assert page.count("<h3>") == 3 and "title='" in page and "rgba(" in page
+    # every rejected chain's only error is its answer: DPO learned to push that token down (2 of the 3 chains,
+    # where a token drawn at random would land about a quarter of the time)
+    audit = json.load(open(out / "token_rewards.json"))
+    assert audit["rejected_checked"] == 3 and audit["min_at_first_error"] >= 2 and audit["chance"] < 0.4, audit
+    assert "have their most negative token at or right after" in page
+
+
+def test_error_window_is_the_first_wrong_step_and_the_token_after_it(setup):
+    from model import Processor
+    proc = Processor.from_pretrained(setup["sft"])
+    meta = {"family": "count_above", "params": {"x": 4}, "chart": {"names": list("ABCD"), "values": [6, 3, 8, 1]}}
+    text = "A is 6 > 4 yes 1 . B is 5 > 4 yes 2 . C is 8 > 4 yes 3 . D is 1 > 4 no 3 .\n\n### Answer: 3"
+    toks = proc.tokenizer.encode(text, add_special_tokens=False).ids
+    words = [proc.decode([t]) for t in toks]
+    window = train_dpo.error_window(meta, toks, proc)
+    assert [words[j] for j in window] == "B is 5 > 4 yes 2 . C".split(), [words[j] for j in window]
+    right = text.replace("B is 5 > 4 yes 2", "B is 3 > 4 no 1").replace("yes 3", "yes 2").replace("no 3", "no 2")
+    toks = proc.tokenizer.encode(right, add_special_tokens=False).ids         # steps right, the answer wrong
+    assert [proc.decode([t]) for t in (toks[j] for j in train_dpo.error_window(meta, toks, proc))] == \
+        ["###", "Answer", ":", "3"]
 
 
 def test_a_dev_share_of_the_questions_is_held_out_whole(tmp_path):

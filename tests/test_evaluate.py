@@ -93,9 +93,11 @@ def test_rerank_with_an_implicit_reward(tiny, tmp_path):
     assert run(tiny, out, "--mode", "cot", "--limit", "3", "--rerank", "3", "--reward-model", model,
                "--reference", model) == 0
     rows = preds(out)
-    assert {r["mode"] for r in rows} == {"cot majority", "cot best-of-n", "cot weighted"} and len(rows) == 9
+    assert {r["mode"] for r in rows} == set(evaluate.RERANK) and len(rows) == 12
     best = [r for r in rows if r["mode"] == "cot best-of-n"][0]
     assert len(best["samples"]) == 3 and best["rewards"] == [0.0, 0.0, 0.0]      # same model: reward 0
+    assert all(set(r["by_n"]) == {"1", "2"} for r in rows)                        # 1, 2, 4, ... up to 3
+    assert "DPO as a verifier on synthetic" in open(out / "results.md").read()
 
 
 def test_two_processes_resume_a_killed_run_and_equal_one_process(tiny, tmp_path):
@@ -208,3 +210,33 @@ def test_ai2d_converter(tmp_path):
     recs = list(convert.ai2d(str(q), ids=str(ids)))
     assert recs == [{"id": "ai2d-4.png-0", "image": "images/4.png", "question": "Which stage is shown at D?",
                      "choices": ["egg", "larva", "pupa", "adult"], "answers": ["C"], "dataset": "ai2d"}]
+
+
+def test_rerank_scores_a_response_exactly_as_dpo_training_does(tiny):
+    """The verifier's log p of a sampled response equals train_dpo.py's for the same text as a pair's rejected
+    answer: the same tokens (the paper's truncation, here to 5 words; no final end-of-turn token), the same sum."""
+    import argparse
+    from types import SimpleNamespace
+    import torch
+    import sample
+    import train_dpo
+    from data.collate import PairDataset, collate_pairs, per_sequence
+    from model import LlavaNext, Processor
+    model_dir, root, _ = tiny
+    rec = json.loads(open(os.path.join(root, "test.jsonl")).readline())
+    proc, model = Processor.from_pretrained(model_dir), LlavaNext.from_pretrained(model_dir).eval()
+    texts = ["A is 6 > 4 yes 1 . B is 0 > 4 no 1 .\n\n### Answer: 1", "A is 6 ."]
+    pv, sizes = proc.preprocess_images([proc.load_image(os.path.join(root, rec["image"]))])
+    rows = evaluate.dpo_rows(rec, texts, proc, sizes, argparse.Namespace(image_root=root, truncate_words=5,
+                                                                           template="llava"))
+    ours = evaluate.row_logprobs(model, rows, pv, sizes)
+    eot = proc.tokenizer.token_to_id("<|eot_id|>")
+    assert all(int(ids[-1]) != eot for ids, _ in rows) and int((rows[0][1] != -100).sum()) == 5
+    pairs = [({"id": f"p{i}", "image": rec["image"], "question": sample.pair_question(rec), "chosen": "A is 1 .",
+               "rejected": t}, "test") for i, t in enumerate(texts)]
+    dataset = PairDataset(pairs, proc, root, truncate=5)
+    batch = collate_pairs([dataset[0], dataset[1]])
+    with torch.no_grad():
+        to, lp = train_dpo.forward_logps(model, batch, SimpleNamespace(device=torch.device("cpu")))
+    theirs = per_sequence(lp, to)[2:].tolist()                 # rows: the 2 chosen, then the 2 rejected
+    assert ours == pytest.approx(theirs, abs=1e-5), (ours, theirs)

@@ -147,3 +147,30 @@ def test_step_check_reads_any_sampled_text_without_raising(dataset):
         steps_correct(rec, " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))))
     value = rec["meta"]["chart"]["values"][0]
     assert not steps_correct(rec, f"{name} is {round(value + 1, 2)} .")      # a real misreading still counts
+
+
+def test_first_wrong_step_finds_the_first_step_that_does_not_check():
+    from data.synthetic import first_wrong_step
+    rec = {"meta": {"family": "count_above", "params": {"x": 4},
+                    "chart": {"names": list("ABCD"), "values": [6, 3, 8, 1]}}}
+    steps = ["A is 6 > 4 yes 1 .", "B is 3 > 4 no 1 .", "C is 8 > 4 yes 2 .", "D is 1 > 4 no 2 ."]
+
+    def at(chain):
+        text = " ".join(chain) + "\n\n### Answer: 2"
+        span = first_wrong_step(rec, text)
+        return None if span is None else text[span[0]:span[1]]
+    assert at(steps) is None and steps_correct(rec, " ".join(steps) + "\n\n### Answer: 2")
+    for k, bad in ((1, "B is 5 > 4 yes 2 ."),           # misread
+                   (1, "B is 3 > 4 yes 2 ."),           # a false comparison
+                   (2, "C is 8 > 4 yes 1 ."),           # a running count that does not follow
+                   (0, "A is 6 > 5 yes 1 ."),           # another threshold than the question's
+                   (0, "A is 6 < 4 no 0 ."),            # the other direction
+                   (1, "C is 8 > 4 yes 2 .")):          # a bar out of order (B skipped)
+        chain = steps[:k] + [bad] + steps[k + 1:]
+        assert at(chain) == bad, (k, bad, at(chain))
+    # the same misread, decoded from word-level tokens ("### Answer : 2"), is found the same way
+    assert first_wrong_step(rec, "A is 6 > 4 yes 1 . B is 5 > 4 yes 2 . ### Answer : 3")[0] == len(steps[0]) + 1
+    # a chain that stops early is wrong where it ends; the answer is not a step
+    text = " ".join(steps[:3]) + "\n\n### Answer: 2"
+    assert first_wrong_step(rec, text) == (len(" ".join(steps[:3])),) * 2
+    assert first_wrong_step(rec, " ".join(steps) + "\n\n### Answer: 3") is None
