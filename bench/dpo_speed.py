@@ -42,7 +42,7 @@ def main(argv=None):
     policy.image_newline.requires_grad_(False)
     reference = LlavaNext.from_config(cfg, device=dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, fused=not args.smoke)
-    S, V, img = cfg.vision.image_size, cfg.text.vocab_size, cfg.image_token_index
+    S, img = cfg.vision.image_size, cfg.image_token_index
     size = (S, 2 * S)
     n_img = num_image_tokens(size, cfg.image_grid_pinpoints, S, cfg.vision.grid)
     text = 64 if args.smoke else 2000 - n_img

@@ -9,10 +9,10 @@ on the batch it was sampled in (fp32), so they are the run's samples; the script
 run's question log.
 """
 
-import argparse
 import json
 import os
 import random
+import re
 import sys
 
 import torch
@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 import distill  # noqa: E402
 import sample  # noqa: E402
 import train_dpo  # noqa: E402
-from common import Dist  # noqa: E402
+from common import ArgumentParser, Dist, UserError, cli  # noqa: E402
 from data.answers import grade  # noqa: E402
 from data.collate import PairDataset, collate_pairs  # noqa: E402
 from data.prompts import model_prompt  # noqa: E402
@@ -34,6 +34,13 @@ from model.generation import left_pad  # noqa: E402
 
 def rows(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def pretty(obj):
+    """JSON with one key per line but lists of plain values kept on one line."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",\n"))
+                  + "]" if m.group(1) else "[]", text)
 
 
 def fence(text, lang=""):
@@ -57,17 +64,26 @@ def label_mask(proc, turns, sizes):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(__doc__)
     ap.add_argument("work", help="a demo run's seed directory, e.g. runs/demo/seed0")
     ap.add_argument("--id", default=None, help="a sampled question (default: the first one that gave pairs)")
-    ap.add_argument("--pairs", default="outcome", help="which pairs: outcome or steps")
+    ap.add_argument("--pairs", default="outcome", choices=("outcome", "steps"), help="which pairs")
     args = ap.parse_args(argv)
     w = args.work
     pairs_dir, dpo_dir = f"{w}/pairs_{args.pairs}", f"{w}/dpo_{args.pairs}"
+    for need in (f"{w}/pool/train.jsonl", f"{pairs_dir}/pairs.manifest.json", f"{dpo_dir}/manifest.json",
+                 f"{w}/arm4/final/config.json", f"{dpo_dir}/final/config.json"):
+        if not os.path.exists(need):
+            raise UserError(f"{need} is missing: {w} is not a finished demo run with {args.pairs}-graded pairs "
+                            "(make demo writes runs/demo/seed0)")
     log = {q["id"]: q for q in rows(f"{pairs_dir}/pairs.questions.jsonl")}
     pairs = rows(f"{pairs_dir}/pairs.jsonl")
-    qid = args.id or next(p["source_id"] for p in pairs)
-    rec = next(r for r in rows(f"{w}/pool/train.jsonl") if r["id"] == qid)
+    if not args.id and not pairs:
+        raise UserError(f"{pairs_dir}/pairs.jsonl has no pairs; name a question with --id")
+    qid = args.id or pairs[0]["source_id"]
+    rec = next((r for r in rows(f"{w}/pool/train.jsonl") if r["id"] == qid), None)
+    if rec is None:
+        raise UserError(f"--id {qid}: no such question in {w}/pool/train.jsonl")
     flags = json.load(open(f"{pairs_dir}/pairs.manifest.json"))["flags"]
     dpo_flags = json.load(open(f"{dpo_dir}/manifest.json"))["flags"]
     torch.set_grad_enabled(False)
@@ -76,7 +92,7 @@ def main(argv=None):
     proc = Processor.from_pretrained(f"{w}/arm4/final")
     image = proc.load_image(os.path.join(w, "pool", rec["image"]))
     pv, sizes = proc.preprocess_images([image])
-    out = [f"### The QA record (`{w}/pool/train.jsonl`)", fence(json.dumps(rec, indent=1), "json")]
+    out = [f"### The QA record (`{w}/pool/train.jsonl`)", fence(pretty(rec), "json")]
 
     # ---- distillation: the teacher's rationale and the SFT row it makes
     text = teacher(rec, random.Random(0))
@@ -87,7 +103,7 @@ def main(argv=None):
             "The synthetic teacher reads the chart's numbers (`data/synthetic.py:teacher`); the filter keeps the row "
             f"because its answer scores {score:g} against the annotation {rec['answers']} "
             "(`distill.py:Sink.result`). This question is one of the fresh ones DPO samples from, so its row is shown "
-            "as the training charts' rows are made:", fence(text), fence(json.dumps(row, indent=1), "json")]
+            "as the training charts' rows are made:", fence(text), fence(pretty(row), "json")]
     mask, supervised, total = label_mask(proc, row["conversations"], sizes)
     out += ["### The SFT row as tokens, supervised ones in [brackets] (`model/processor.py:Processor.tokenize`)",
             f"{supervised} of {total} tokens are trained on: the assistant's text and its end-of-turn token.",
@@ -111,42 +127,53 @@ def main(argv=None):
             continue
         s = proc.decode(toks[:stop])
         a, sc, ok = grade(rec, s)
-        right += ok and sc >= 1
-        table.append(f"| {k + 1} | `{s.replace('|', '/')}` | {a} | {'right' if ok and sc >= 1 else 'wrong'} | "
+        good = ok and sc >= 1 and (flags.get("grade") != "steps" or steps_correct(rec, s))
+        right += good
+        table.append(f"| {k + 1} | `{s.replace('|', '/')}` | {a} | {'right' if good else 'wrong'} | "
                      f"{'yes' if steps_correct(rec, s) else 'no'} |")
     logged = log.get(qid, {})
     check = "the same as" if abs(right / n - logged.get("accuracy", -1)) < 1e-9 else "NOT the same as"
+    acc = right / n
+    window = (f"inside the window [{flags['min_acc']}, {flags['max_acc']}], so the question gives up to "
+              f"{flags['pairs_per_question']} pairs (`sample.py:build_pairs`)"
+              if flags["min_acc"] <= acc <= flags["max_acc"] else
+              f"outside the window [{flags['min_acc']}, {flags['max_acc']}]: the question gives no pairs")
+    if flags.get("grade") == "steps":
+        window += " (graded by every step: `--grade steps`)"
     out += [f"### {n} samples from the SFT model (arm 4) at T = {flags['temperature']} (`sample.py:handle`)",
-            f"Accuracy {right}/{n} = {right / n:.2f}, {check} the run's question log ({logged.get('accuracy')}); "
-            f"inside the window [{flags['min_acc']}, {flags['max_acc']}], so the question gives up to "
-            f"{flags['pairs_per_question']} pairs (`sample.py:build_pairs`).", "\n".join(table)]
+            f"Accuracy {right}/{n} = {acc:.2f}, {check} the run's question log ({logged.get('accuracy')}); "
+            f"{window}.", "\n".join(table)]
 
     # ---- the pairs and their token rewards
     mine = [p for p in pairs if p["source_id"] == qid]
-    out += [f"### The pairs (`{pairs_dir}/pairs.jsonl`)",
-            fence("\n".join(json.dumps({k: p[k] for k in ("id", "chosen", "rejected", "accuracy")}) for p in mine),
-                  "json")]
-    beta, k_words = dpo_flags["beta"], dpo_flags["truncate_words"]
-    ds = PairDataset([(p, p["id"]) for p in mine[:1]], proc, os.path.join(w, "pool"), k_words,
-                     dpo_flags["template"])
-    mb = collate_pairs([ds[0]])
-    d = Dist()
-    _, lp_pol = train_dpo.forward_logps(dpo, mb, d)
-    _, lp_ref = train_dpo.forward_logps(sft, mb, d)
-    rewards = (beta * (lp_pol - lp_ref))
-    lines = []
-    for r, side in ((0, "chosen"), (1, "rejected")):
-        keep = mb["targets"][r] != -100
-        toks, rs = mb["targets"][r][keep].tolist(), rewards[r][keep].tolist()
-        low = min(range(len(rs)), key=rs.__getitem__)
-        lines.append(f"{side} (reward sum {sum(rs):+.4f}; lowest at token {low + 1}):")
-        lines.append(" ".join(f"{proc.decode([t], skip_special_tokens=False)}({x:+.4f})" for t, x in zip(toks, rs)))
-    span = first_wrong_step(rec, mine[0]["rejected"])
-    where = mine[0]["rejected"][span[0]:span[1]] if span else "none: every step checks, the answer is wrong"
-    out += [f"### The token rewards of the first pair, beta * (log pi_DPO - log pi_SFT) (`train_dpo.py:audit`)",
-            f"beta = {beta}; responses cut as DPO training saw them ({k_words:g} words, no end-of-turn token). "
-            f"The rejected chain's first wrong step (`data/synthetic.py:first_wrong_step`): `{where}`.",
-            fence("\n".join(lines))]
+    if not mine:
+        out += [f"### No pairs from this question in `{pairs_dir}/pairs.jsonl`"]
+    else:
+        out += [f"### The pairs (`{pairs_dir}/pairs.jsonl`)",
+                fence("\n".join(json.dumps({k: p[k] for k in ("id", "chosen", "rejected", "accuracy")})
+                                for p in mine), "json")]
+        beta, k_words = dpo_flags["beta"], dpo_flags["truncate_words"]
+        ds = PairDataset([(p, p["id"]) for p in mine[:1]], proc, os.path.join(w, "pool"), k_words,
+                         dpo_flags["template"])
+        mb = collate_pairs([ds[0]])
+        d = Dist()
+        _, lp_pol = train_dpo.forward_logps(dpo, mb, d)
+        _, lp_ref = train_dpo.forward_logps(sft, mb, d)
+        rewards = (beta * (lp_pol - lp_ref))
+        lines = []
+        for r, side in ((0, "chosen"), (1, "rejected")):
+            keep = mb["targets"][r] != -100
+            toks, rs = mb["targets"][r][keep].tolist(), rewards[r][keep].tolist()
+            low = min(range(len(rs)), key=rs.__getitem__)
+            lines.append(f"{side} (reward sum {sum(rs):+.4f}; lowest at token {low + 1}):")
+            lines.append(" ".join(f"{proc.decode([t], skip_special_tokens=False)}({x:+.4f})"
+                                  for t, x in zip(toks, rs)))
+        span = first_wrong_step(rec, mine[0]["rejected"])
+        where = mine[0]["rejected"][span[0]:span[1]] if span else "none: every step checks, the answer is wrong"
+        out += ["### The token rewards of the first pair, beta * (log pi_DPO - log pi_SFT) (`train_dpo.py:audit`)",
+                f"beta = {beta}; responses cut as DPO training saw them ({k_words:g} words, no end-of-turn token). "
+                f"The rejected chain's first wrong step (`data/synthetic.py:first_wrong_step`): `{where}`.",
+                fence("\n".join(lines))]
 
     # ---- the evaluated answers
     table = ["| model | mode | output | answer | score |", "|---|---|---|---|---|"]
@@ -164,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, assert_close, make_hf_model

@@ -35,6 +35,14 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     for png in ("accuracy.png", "sft_seed0.png", "dpo_seed0.png", "verifier.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     assert "first error" in (tmp_path / "token_rewards_seed0.html").read_text()
+    # one question through every stage: the recomputed samples are the run's own (their accuracy is the logged one)
+    trace = subprocess.run([sys.executable, "-m", "demo.trace", str(tmp_path / "seed0")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert trace.returncode == 0, trace.stderr[-3000:]
+    assert "the same as the run's question log" in trace.stdout, trace.stdout[-3000:]
+    for part in ("### The QA record", "### The SFT row as tokens", "### The pairs", "### The token rewards",
+                 "### The evaluated answers"):
+        assert part in trace.stdout, part
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "[seed0/sft_arm4] done before, reused" in again.stdout
     assert " $ " not in again.stdout                                          # nothing ran twice

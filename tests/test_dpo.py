@@ -9,7 +9,6 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sample
 import train_dpo
