@@ -27,11 +27,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 # the paper's pipeline in miniature from the shipped base model, its main line: SFT arms 2 and 4, DPO, the RFT
-# control and DPO as a verifier, one seed (about 13 minutes on 2 idle CPU cores, install included); report in runs/demo
+# control and DPO as a verifier, one seed (about 10 minutes on 2 idle CPU cores, install included); report in runs/demo
 demo: $(VENV)/.runtime $(VENV)/.plot
 	$(PY) -m demo.run --seeds $(SEEDS)
 
-# the whole report: every arm of the paper's Table 2, outcome- and step-graded pairs, two seeds (about 40 minutes on
+# the whole report: every arm of the paper's Table 2, outcome- and step-graded pairs, two seeds (about 33 minutes on
 # 2 idle cores); report in runs/demo-full (the committed copy: demo/results/)
 demo-full: $(VENV)/.runtime $(VENV)/.plot
 	$(PY) -m demo.run --full --seeds $(FULL_SEEDS)

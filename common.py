@@ -68,6 +68,28 @@ def number(kind, lo=None, hi=None, above=None):
     return parse
 
 
+def add_run_flags(ap, what):
+    """The flags train_sft.py and train_dpo.py share: clipping, the seed (of the data or pair order: `what`),
+    distribution, precision, checkpoints and resuming."""
+    pos, nonneg = number(int, lo=1), number(int, lo=0)
+    ap.add_argument("--clip", type=number(float, lo=0), default=1.0, help="gradient-norm clipping (0: off)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    ap.add_argument("--seed", type=int, default=0, help=f"fixes the {what} order (and so the run)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2: shard each block, then the root (else DDP)")
+    ap.add_argument("--dist-timeout", type=number(float, above=0), default=60,
+                    help="minutes a collective waits for a slow rank")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
+    # checkpoints, logs
+    ap.add_argument("--save-every", type=nonneg, default=0, help="checkpoint every K steps (0: only at the end)")
+    ap.add_argument("--save-hf-every", type=nonneg, default=0,
+                    help="also write the Hugging Face weights into every K-th step's checkpoint (0: the final only)")
+    ap.add_argument("--keep-checkpoints", type=pos, default=3, help="keep the newest N checkpoints")
+    ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="dtype of the saved HF weights (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint OUT/latest names")
+
+
 class UserError(Exception):
     """A failure the user can fix (a wrong path, a bad row, an output that would mix runs): one line, no traceback."""
 

@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
-from common import (ArgumentParser, Dist, Metrics, Skips, Timer, autocast, check_model_dir, check_out_dir, cli, clip,
-                    file_id, lr_factor, model_id, number, peak_flops, precision, print0, progress, seed_all, set_lr)
+from common import (ArgumentParser, Dist, Metrics, Skips, Timer, add_run_flags, autocast, check_model_dir,
+                    check_out_dir, cli, clip, file_id, lr_factor, model_id, number, peak_flops, precision, print0,
+                    progress, seed_all, set_lr)
 from data.collate import (SFTDataset, Skip, balance, collate, estimate_length, global_batches, histogram, load_rows,
                           split_batch)
 from data.formats import FormatError
@@ -76,23 +77,7 @@ def parse_args(argv=None):
                     help="share of the steps with a linear warm-up (paper: 0.03)")
     ap.add_argument("--min-lr-ratio", type=number(float, lo=0, hi=1), default=0.0,
                     help="cosine floor, as a share of each group's lr")
-    ap.add_argument("--clip", type=number(float, lo=0), default=1.0, help="gradient-norm clipping (0: off)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
-    ap.add_argument("--seed", type=int, default=0, help="fixes the data order (and so the run)")
-    # distributed, precision
-    ap.add_argument("--fsdp", action="store_true", help="FSDP2: shard each block, then the root (else DDP)")
-    ap.add_argument("--dist-timeout", type=number(float, above=0), default=60,
-                    help="minutes a collective waits for a slow rank")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32")
-    # checkpoints, logs
-    ap.add_argument("--save-every", type=nonneg, default=0, help="checkpoint every K steps (0: only at the end)")
-    ap.add_argument("--save-hf-every", type=nonneg, default=0,
-                    help="also write the Hugging Face weights into every K-th step's checkpoint (0: the final only)")
-    ap.add_argument("--keep-checkpoints", type=pos, default=3, help="keep the newest N checkpoints")
-    ap.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="dtype of the saved HF weights (auto: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint OUT/latest names")
+    add_run_flags(ap, "data")
     ap.add_argument("--log-every", type=pos, default=1, help="log every K steps")
     return ap.parse_args(argv)
 

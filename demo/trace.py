@@ -14,6 +14,7 @@ import os
 import random
 import re
 import sys
+import textwrap
 
 import torch
 
@@ -187,7 +188,8 @@ def main(argv=None):
             a, sc, _ = grade(rec, s, mode)
             table.append(f"| {name} | {mode} | `{s.replace('|', '/')}` | {a} | {sc:g} |")
     out += ["### The evaluated answers (greedy, both prompts; `evaluate.py:run_generation`)", "\n".join(table)]
-    print("\n\n".join(out))
+    prose = [p if p.startswith(("```", "|", "#")) else textwrap.fill(p, 116, break_on_hyphens=False) for p in out]
+    print("\n\n".join(prose))
 
 
 if __name__ == "__main__":
