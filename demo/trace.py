@@ -1,8 +1,8 @@
 """One question through every stage of a demo run, as Markdown: the rows the stages wrote, and what their files do
 not keep recomputed exactly (the teacher's row, the label mask, the N samples, the token rewards, the answers).
 
-    python -m demo.trace runs/demo/seed0                  # the first sampled question that gave pairs
-    python -m demo.trace runs/demo/seed0 --id pool-train-00042 > trace.md
+    python -m demo.trace runs/demo/seed0                  # the first sampled question that gave pairs (Markdown)
+    python -m demo.trace runs/demo/seed0 --id synthetic-train-000042   # any sampled question
 
 The samples are drawn again with the run's own flags and the question's own seeded stream, which does not depend
 on the batch it was sampled in (fp32), so they are the run's samples; the script checks their accuracy against the

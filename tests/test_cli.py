@@ -117,7 +117,9 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-u", "train_sft.py", "--model", model, "--data", sft, "--image-root",
                              data, "--out", str(tmp_path / "run"), "--max-steps", "1000", "--batch-size", "2",
                              "--save-every", "2", "--workers", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a shell's background job ignores SIGINT, and its children inherit that: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("saved "):
             break
