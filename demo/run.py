@@ -6,15 +6,16 @@
 
 From the shipped tiny base model (demo/base_model, built by `make base`: the stand-in for a pretrained LLaVA-NeXT), on
 the synthetic chart task (64x64 charts, 4 bars):
-  data     12,000 training charts: 70% "how many bars are larger than X?" (the target family: one comparison per
+  data     10,100 training charts: 70% "how many bars are larger than X?" (the target family: one comparison per
            bar), 10% each caption / lookup / largest bar; "how many bars are smaller than X?" held out of training;
            1,000 test and 1,000 held-out charts; 1,000 fresh target charts to sample DPO pairs from
   distill  the synthetic teacher writes a CoT rationale per chart (10% misread, dropped by the answer check); the
            direct rows come from the annotations. The first 100 charts are the format-aligned set: a CoT row and a
            direct row each (the paper's 450 rows that teach both answer formats); the rest give the main rows
-  SFT      the paper's Table 2 arms, each one epoch of its own rows at the same batch and lr (the paper trains each
-           mixture for one epoch): (1) format rows only, (2) = (1) + every direct row, (3) = (1) + every CoT row,
-           (4) = (1) + every direct row + every CoT row (the paper's LLaVA-Reasoner-SFT); vision tower frozen
+  SFT      the paper's Table 2 arms at the same batch and lr: (1) format rows only, one epoch of them; (2) = (1) +
+           every direct row, (3) = (1) + every CoT row, (4) = (1) + every direct row + every CoT row (the paper's
+           LLaVA-Reasoner-SFT), all three for the same steps, one epoch of (4)'s rows (the paper trains each mixture
+           one epoch; demo/results/NOTES.md says why the demo does not); vision tower frozen
   sample   12 CoT samples per fresh question from (4) at T = 1, graded by the final answer (and, --full, also by
            every step: data.synthetic.steps_correct); accuracy window [0.25, 0.85]; up to 3 pairs per question
   DPO      from (4) on those pairs, one epoch; beside it the RFT control: SFT on the same chosen answers, same steps
@@ -271,7 +272,8 @@ def main():
     seconds = {} if args.report_only else run_jobs(
         [job for seed in seeds for job in seed_jobs(seed, works[seed], args.base, sizes, full)])
     for seed, work in works.items():
-        for v, name in (("outcome", f"token_rewards_seed{seed}.html"), ("steps", f"token_rewards_steps_seed{seed}.html")):
+        pages = (("outcome", f"token_rewards_seed{seed}.html"), ("steps", f"token_rewards_steps_seed{seed}.html"))
+        for v, name in pages:
             if os.path.exists(f"{work}/dpo_{v}/token_rewards.html"):
                 shutil.copy(f"{work}/dpo_{v}/token_rewards.html", os.path.join(out, name))
     setup = (f"Recipe: arms 2-4 train the same steps (one epoch of arm 4's rows, batch {sizes['batch']}, lr "
