@@ -158,10 +158,18 @@ def ai2d_mc(pred, answers, choices=None):
     """AI2D: lmms-eval tasks/ai2d (ai2d.yaml, utils.py MultiChoiceRegexFilter, metric exact_match with ignore_case
     and ignore_punctuation): a capital letter followed by "." at the start (after spaces) is taken alone ("B. cat"
     -> "B"); otherwise the whole answer, stripped, lower-cased and freed of ASCII punctuation, must equal the gold
-    letter ("(b)" -> "b" is right; "B: cat" -> "b cat" is wrong; an option's text is never mapped to its letter)."""
+    letter ("(b)" -> "b" is right; "B: cat" -> "b cat" is wrong; an option's text is never mapped to its letter).
+    exact_match compares numpy string arrays, and _np_text keeps what those do to a text: trailing NUL characters
+    vanish, and lower-casing is cut to the text's length ("İ" -> "i", not "i" + a combining dot)."""
     m = re.match(r"^\s*([A-Z])\.", pred)
-    p = (m.group(1) if m else pred).strip().lower().translate(_PUNCT_TABLE)
-    return float(any(p == str(g).lower().translate(_PUNCT_TABLE) for g in answers))
+    p = _np_text((m.group(1) if m else pred).strip())
+    return float(any(p == _np_text(str(g)) for g in answers))
+
+
+def _np_text(s):
+    """lmms-eval's exact_match_hf_evaluate (ignore_case, ignore_punctuation) on one text held in a numpy array."""
+    width = len(s)                                    # the array's fixed width: lower() cannot exceed it
+    return s.rstrip("\0").lower()[:width].rstrip("\0").translate(_PUNCT_TABLE).rstrip("\0")
 
 
 def sqa_mc(pred, answers, choices=None):

@@ -9,6 +9,7 @@ this repository) on the same inputs; our functions are never their own oracle:
              tasks/textvqa textvqa_process_results
   A-OKVQA    allenai/aokvqa evaluation/eval_predictions.py eval_aokvqa (letter forms mapped to the option text first)
   AI2D       lmms-eval tasks/ai2d MultiChoiceRegexFilter + the task's strip + api/metrics.py exact_match_hf_evaluate
+             (its numpy string arrays: same outputs under numpy 1.26.4 and 2.4.6)
   ScienceQA  lmms-eval tasks/scienceqa sqa_process_results
   MathVista  lupantech/MathVista evaluation/calculate_score.py normalize_extracted_answer + safe_equal
              (python-Levenshtein's distance)
@@ -97,6 +98,9 @@ def test_aokvqa_multiple_choice(pred, choices, gold, want):
     ("B!", ["x", "y"], "B", 1.0), ("'B'", ["x", "y"], "B", 1.0), ("**B**", ["x", "y"], "B", 1.0),
     ("C. larva", ["egg", "larva", "pupa"], "C", 1.0), ("Cat. larva", ["egg", "larva", "pupa"], "C", 0.0),
     ("c) pupa", ["egg", "larva", "pupa"], "C", 0.0),
+    # exact_match compares numpy string arrays: trailing NULs vanish, lower() is cut to the text's width
+    ("B\0", ["x", "y"], "B", 1.0), ("B\0.", ["x", "y"], "B", 1.0), ("b\0\0", ["x", "y"], "B", 1.0),
+    ("İ", list("abcdefghi"), "I", 1.0), ("İ\0", list("abcdefghi"), "I", 0.0), ("(İ)", list("abcdefghi"), "I", 0.0),
 ])
 def test_ai2d(pred, choices, gold, want):
     assert score("ai2d", pred, [gold], choices) == want
