@@ -32,43 +32,40 @@ CONFIG = {
                     "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000},
 }
 
-CHILD = r"""
+# both children: RSS before loading, the peak (VmHWM) reset to it, the clock started
+PRELUDE = r"""
 import json, os, sys, time, torch
 sys.path.insert(0, sys.argv[2])
-from model import LlavaNext
 
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 
-before = status("VmRSS:")
-with open("/proc/self/clear_refs", "w") as f:       # reset the peak (VmHWM) to the current RSS
-    f.write("5")
-t = time.time()
+def start():
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    return before, time.time()
+"""
+
+CHILD = PRELUDE + r"""
+from model import LlavaNext
+
+before, t = start()
 model = LlavaNext.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 print(json.dumps({"before": before, "peak": status("VmHWM:"), "after": status("VmRSS:"), "seconds": time.time() - t,
                   "params": sum(p.numel() for p in model.parameters())}))
 """
 
 
-CHILD_SHARDED = r"""
-import json, os, sys, time, torch
+CHILD_SHARDED = PRELUDE + r"""
 from argparse import Namespace
-sys.path.insert(0, sys.argv[2])
 from checkpoint import load_for_training
 from common import Dist
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-
 d = Dist()
-before = status("VmRSS:")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-t = time.time()
+before, t = start()
 model, _ = load_for_training(sys.argv[1], Namespace(fsdp=True), d, torch.bfloat16)
 local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
             for p in model.parameters())
