@@ -313,26 +313,6 @@ def dpo_rows(rec, texts, proc, image_sizes, args):
     return [rows.tokenize(question, t, image_sizes, 1 if rec.get("image") else 0) for t in texts]
 
 
-@torch.no_grad()
-def row_logprobs(model, rows, pixel_values, image_sizes, batch_size=16):
-    """Summed log p of each row's target tokens (rows sharing one prompt and its image, encoded once)."""
-    device = model.output_weight.device
-    feats = model.encode_images(pixel_values.to(device), image_sizes) if pixel_values is not None else None
-    out = []
-    for b in range(0, len(rows), batch_size):
-        chunk = rows[b:b + batch_size]
-        T = max(len(ids) for ids, _ in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        targets = torch.full((len(chunk), T), -100, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, (x, t) in enumerate(chunk):
-            ids[i, :len(x)], targets[i, :len(t)], mask[i, :len(x)] = x, t, 1
-        lp = model(ids.to(device), attention_mask=mask.to(device), targets=targets.to(device),
-                   image_features=feats * len(chunk) if feats is not None else None)
-        out.append(lp.float().sum(-1).cpu())
-    return torch.cat(out).tolist() if out else []
-
-
 def pick(answers, rewards, likelihoods, n):
     """The answer each method picks from the first n samples: {mode: answer}. Ties go to the earliest sample."""
     answers, rewards, likelihoods = answers[:n], rewards[:n], likelihoods[:n]
@@ -355,7 +335,7 @@ def run_rerank(model, proc, todo, args, writer, dtype, device, main=True):
     reward-weighted voting (each answer weighted by the sum of softmax(reward) over its samples), and, as a control,
     by the reference's own likelihood log pi_ref (the SFT model's). Every response is scored as DPO training saw it
     (dpo_rows). A sample that never stops is kept as a candidate (a verifier faces every sample)."""
-    from model.generation import left_pad
+    from model.generation import left_pad, row_logprobs
     if not (args.reward_model and args.reference):
         raise SystemExit("error: --rerank needs --reward-model and --reference")
     sizes_n = args.rerank_sizes or [2 ** k for k in range(args.rerank.bit_length()) if 2 ** k <= args.rerank]

@@ -251,25 +251,21 @@ def generate_text(model, processor, conversations, images=None, template="llava"
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompt, responses, pixel_values=None, image_sizes=None, batch_size=16):
-    """Summed log p(response | prompt) for each response (lists of token ids), prompt (list of ids) shared; the
-    prompt's images are encoded once. The implicit DPO reward and reranking are built on it."""
-    feats = model.encode_images(pixel_values, image_sizes) if pixel_values is not None else None
+def row_logprobs(model, rows, pixel_values, image_sizes, batch_size=16):
+    """Summed log p of each row's target tokens, for rows of (input ids, targets) that share one prompt and its
+    images (encoded once): the implicit DPO reward and reranking are built on it. A list of floats."""
     device = model.output_weight.device
+    feats = model.encode_images(pixel_values.to(device), image_sizes) if pixel_values is not None else None
     out = []
-    for b in range(0, len(responses), batch_size):
-        chunk = responses[b:b + batch_size]
-        seqs = [prompt + list(r) for r in chunk]
-        T = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        targets = torch.full_like(ids, -100)
-        for i, (s, r) in enumerate(zip(seqs, chunk)):
-            ids[i, :len(s)] = torch.tensor(s, device=device)
-            mask[i, :len(s)] = 1
-            if r:                                      # position t predicts token t + 1: the response's tokens
-                targets[i, len(prompt) - 1:len(s) - 1] = torch.tensor(list(r), device=device)
-        lp = model(ids, attention_mask=mask, targets=targets,
-                   image_features=feats * len(seqs) if feats is not None else None)
-        out.append(lp.sum(-1))
-    return torch.cat(out) if out else torch.zeros(0)
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        T = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        targets = torch.full((len(chunk), T), -100, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for i, (x, t) in enumerate(chunk):
+            ids[i, :len(x)], targets[i, :len(t)], mask[i, :len(x)] = x, t, 1
+        lp = model(ids.to(device), attention_mask=mask.to(device), targets=targets.to(device),
+                   image_features=feats * len(chunk) if feats is not None else None)
+        out.append(lp.float().sum(-1).cpu())
+    return torch.cat(out).tolist() if out else []

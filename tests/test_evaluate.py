@@ -222,6 +222,7 @@ def test_rerank_scores_a_response_exactly_as_dpo_training_does(tiny):
     import train_dpo
     from data.collate import PairDataset, collate_pairs, per_sequence
     from model import LlavaNext, Processor
+    from model.generation import row_logprobs
     model_dir, root, _ = tiny
     rec = json.loads(open(os.path.join(root, "test.jsonl")).readline())
     proc, model = Processor.from_pretrained(model_dir), LlavaNext.from_pretrained(model_dir).eval()
@@ -229,7 +230,7 @@ def test_rerank_scores_a_response_exactly_as_dpo_training_does(tiny):
     pv, sizes = proc.preprocess_images([proc.load_image(os.path.join(root, rec["image"]))])
     rows = evaluate.dpo_rows(rec, texts, proc, sizes, argparse.Namespace(image_root=root, truncate_words=5,
                                                                            template="llava"))
-    ours = evaluate.row_logprobs(model, rows, pv, sizes)
+    ours = row_logprobs(model, rows, pv, sizes)
     eot = proc.tokenizer.token_to_id("<|eot_id|>")
     assert all(int(ids[-1]) != eot for ids, _ in rows) and int((rows[0][1] != -100).sum()) == 5
     pairs = [({"id": f"p{i}", "image": rec["image"], "question": sample.pair_question(rec), "chosen": "A is 1 .",
