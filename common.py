@@ -124,6 +124,16 @@ def cli(main):
             raise
         print(e.code, file=sys.stderr, flush=True)
         code = 2
+    if Dist.joined:
+        # A torchrun worker leaves without interpreter teardown. torch keeps the process group alive past
+        # destroy_process_group (torch._dynamo, which DDP imports after the group exists, and FSDP2's DTensor caches
+        # hold it), so its gloo/NCCL threads still run while Python finalizes and C++ statics are destroyed; a peer
+        # closing its sockets then can abort this rank (SIGABRT, "terminate called without an active exception")
+        # after a run that had finished. Every output is written and closed by now (main() has returned): only the
+        # std streams need flushing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -209,6 +219,8 @@ def check_out_dir(path):
 class Dist:
     """rank / world / device of this process. Without torchrun's RANK variable the script runs as one process."""
 
+    joined = False                  # this process has been in a process group (cli() then exits without teardown)
+
     def __init__(self, timeout_minutes=60):
         self.distributed = "RANK" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
@@ -224,6 +236,7 @@ class Dist:
             # a generous timeout: a collective waits this long for a slow rank (a long save, a cold file system)
             dist.init_process_group(backend, device_id=self.device if self.device.type == "cuda" else None,
                                     timeout=datetime.timedelta(minutes=timeout_minutes))
+            Dist.joined = True
         self.main = self.rank == 0
 
     def all_sum(self, x):
@@ -245,6 +258,7 @@ class Dist:
 
     def close(self):
         if self.distributed:
+            dist.barrier()                         # no rank closes its connections while another still talks
             dist.destroy_process_group()
 
 

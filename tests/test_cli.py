@@ -131,6 +131,39 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tiny, tmp_path):
     assert "Traceback" not in err
 
 
+WORKER = """
+import atexit, sys
+import torch
+sys.path.insert(0, {root!r})
+from common import Dist, cli
+
+def main():
+    d = Dist()
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4)) if d.distributed else torch.nn.Linear(4, 4)
+    model(torch.ones(2, 4)).sum().backward()
+    atexit.register(print, f"teardown on rank {{d.rank}}", flush=True)
+    print(f"done on rank {{d.rank}}", flush=True)
+    d.close()
+    return 0
+
+cli(main)
+"""
+
+
+def test_a_finished_torchrun_worker_leaves_without_interpreter_teardown(tmp_path):
+    """DDP keeps the process group (and its gloo threads) alive past destroy_process_group; tearing the interpreter
+    down around them once aborted a finished 2-process run (SIGABRT). Workers exit at once after their outputs."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=ROOT))
+    from test_rehearsal import launch
+    two = subprocess.run(launch(str(script), [], 2), capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "done on rank 0" in two.stdout and "done on rank 1" in two.stdout
+    assert "teardown" not in two.stdout
+    one = subprocess.run(launch(str(script), [], 1), capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and "teardown on rank 0" in one.stdout     # a plain process ends as usual
+
+
 def test_training_never_mixes_runs_and_resumes_what_latest_names(tiny, tmp_path):
     model, data, sft = tiny
     out = tmp_path / "run"
