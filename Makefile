@@ -27,7 +27,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 # the paper's pipeline in miniature from the shipped base model, its main line: SFT arms 2 and 4, DPO, the RFT
-# control and DPO as a verifier, one seed (about 10 minutes on 2 idle CPU cores, install included); report in runs/demo
+# control and DPO as a verifier, one seed (10 to 15 minutes on 2 idle CPU cores, install included); report in runs/demo
 demo: $(VENV)/.runtime $(VENV)/.plot
 	$(PY) -m demo.run --seeds $(SEEDS)
 
