@@ -13,11 +13,11 @@ sampled accuracy), PAIRS.rft.jsonl (the chosen answers as SFT rows: the rejectio
 PAIRS.questions.jsonl (one line per question: accuracy, kept or why not; for the synthetic task also how many
 samples reach the right answer through a wrong step). On the synthetic task, whose records carry the chart's data,
 --grade steps counts a sample correct only when its answer and every step of its rationale are right; its pairs
-carry the record's meta either way (train_dpo.py's token-reward page finds each rejected chain's first error). Each process samples every world-th question into its own part files
-(PAIRS.rank<r>.jsonl ...); rank 0 merges all parts in question order at the end. Resumable: a rerun of the same
-command (any number of processes) skips the questions already logged; PAIRS.manifest.json records the model, data
-and flags, and a run with other ones is refused (--overwrite, or a new --out); a file sampling did not write is
-never touched.
+carry the record's meta either way (train_dpo.py's token-reward page finds each rejected chain's first error).
+Each process samples every world-th question into its own part files (PAIRS.rank<r>.jsonl ...); rank 0 merges all
+parts in question order at the end. Resumable: a rerun of the same command (any number of processes) skips the
+questions already logged; PAIRS.manifest.json records the model, data and flags, and a run with other ones is refused
+(--overwrite, or a new --out); a file sampling did not write is never touched.
 """
 
 import json

@@ -357,9 +357,9 @@ def first_wrong_step(record, text):
     None when every step checks. A step is wrong when a value it reads differs from the chart's, when its arithmetic
     or its comparison is false, or, in the counting families (count_above / count_below), when it compares with
     another threshold or in the other direction, compares no bar or a bar out of order, or carries a running count
-    that does not follow from the chain's own yes / no. A counting chain that stops before its last bar is wrong at its end (the
-    span (n, n) where its body ends). Sampled text of any shape is read without raising: what does not parse as a
-    step is not checked."""
+    that does not follow from the chain's own yes / no. A counting chain that stops before its last bar is wrong at
+    its end (the span (n, n) where its body ends). Sampled text of any shape is read without raising: what does not
+    parse as a step is not checked."""
     meta = record["meta"]
     chart, family, params = meta["chart"], meta.get("family"), meta.get("params") or {}
     val = {nm: v for nm, v in zip(chart["names"], chart["values"])}
