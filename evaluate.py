@@ -37,12 +37,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import (ArgumentParser, Dist, check_model_dir, check_out_dir, claim, cli, dtype_of, file_id, model_id,
-                    number, print0, progress)
-from data import answers
+from common.cli import ArgumentParser, UserError, add_dist_timeout, cli, number, progress
+from common.dist import Dist, dtype_of, print0
+from common.manifest import check_files, check_model_dir, check_out_dir, claim, file_id, model_id
+from data import answers, gpt_extract
 from data.answers import score
+from data.collate import PairDataset
 from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
-from data.prompts import FAMILIES, model_prompt
+from data.prompts import model_prompt
+from model import LlavaNext, Processor
+from model.generation import left_pad, row_logprobs
+from model.processor import load_image
 
 
 def parse_args(argv=None):
@@ -50,7 +55,9 @@ def parse_args(argv=None):
     pos = number(int, lo=1)
     ap.add_argument("--model", help="Hugging Face LLaVA-NeXT directory to evaluate")
     ap.add_argument("--data", nargs="+", help="QA record JSONL file(s)")
-    ap.add_argument("--image-root", default=".", help="image paths in the records are relative to this")
+    ap.add_argument("--image-root", nargs="+", default=["."],
+                    help="image paths in the records are relative to this: one root for every --data file, or one "
+                         "per file, in the same order")
     ap.add_argument("--mode", choices=["direct", "cot", "both"], default="both",
                     help="the direct prompt, the CoT prompt, or both (the paper reports both)")
     ap.add_argument("--out", required=True, help="output directory: predictions.jsonl, results.md, results.json")
@@ -86,7 +93,12 @@ def parse_args(argv=None):
                     help="responses are scored cut as the DPO run cut them (train_dpo.py --truncate-words)")
     ap.add_argument("--temperature", type=number(float, lo=0), default=1.0, help="sampling temperature for --rerank")
     ap.add_argument("--seed", type=int, default=0, help="--rerank's sampling streams (one per question)")
-    return ap.parse_args(argv)
+    add_dist_timeout(ap)
+    args = ap.parse_args(argv)
+    if args.data and len(args.image_root) not in (1, len(args.data)):
+        ap.error(f"--image-root: {len(args.image_root)} roots for {len(args.data)} --data files; give one root for "
+                 "all of them, or one per file in the same order")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ grading
@@ -182,24 +194,30 @@ def paper_table(results, modes):
 
 # ------------------------------------------------------------------------------------------------ generation
 
-def load(path, dtype, device):
-    from model import LlavaNext, Processor
+def load_model(path, dtype, device):
+    """(model in eval mode, processor) of a Hugging Face directory."""
     return LlavaNext.from_pretrained(path, dtype=dtype, device=device).eval(), Processor.from_pretrained(path)
 
 
-def prepare(rec, mode, proc, args):
-    """(prompt ids, pixel_values, image_sizes, prompt text) of one record, or an error string."""
-    images = []
-    if rec.get("image"):
-        try:
-            images = [proc.load_image(os.path.join(args.image_root, rec["image"]))]
-        except (OSError, ValueError) as e:
-            return str(e)
-    pv, sizes = proc.preprocess_images(images)
-    text = model_prompt(rec, mode)
-    ids, _ = proc.tokenize([{"from": "human", "value": text}], sizes, template=args.template,
-                           add_generation_prompt=True)
-    return ids, pv if images else None, sizes if images else None, text
+def load_records(paths, roots, limit=None):
+    """The QA records of every --data file (the first `limit` of each), each with its file's image root; ids must
+    be unique over all files (the converters prefix them with the benchmark's name)."""
+    roots = roots * len(paths) if len(roots) == 1 else roots
+    records, seen = [], {}
+    for path, root in zip(paths, roots):
+        for rec in load_qa(path)[:limit] if limit else load_qa(path):
+            if rec["id"] in seen:
+                raise FormatError(f"{path}: record id {rec['id']!r} is also in {seen[rec['id']]}; ids must be unique "
+                                  "over all --data files")
+            seen[rec["id"]] = path
+            rec["_root"] = root
+            records.append(rec)
+    return records
+
+
+def image_file(rec):
+    """Where a record's image is: under the --image-root of the --data file it came from."""
+    return os.path.join(rec["_root"], rec["image"])
 
 
 def image_size(path):
@@ -213,12 +231,12 @@ def image_size(path):
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
-def plan(rec, mode, proc, args):
+def prompt_ids(rec, mode, proc, args):
     """(prompt ids, prompt text) of one record, the image's token count from its header size; or an error string."""
     sizes = []
     if rec.get("image"):
         try:
-            sizes = [image_size(os.path.join(args.image_root, rec["image"]))]
+            sizes = [image_size(image_file(rec))]
         except (OSError, ValueError) as e:
             return str(e)
     text = model_prompt(rec, mode)
@@ -231,20 +249,19 @@ class BatchImages(torch.utils.data.Dataset):
     """Item i: the images of batch i decoded and preprocessed (in a DataLoader worker, just ahead of the model):
     (i, pixel_values (n, P, 3, S, S), image_sizes (n, 2), {position in the batch: error} for images that fail)."""
 
-    def __init__(self, batches, image_processor, image_root):
-        self.paths = [[rec.get("image") for rec, _ in batch] for batch in batches]
-        self.image_processor, self.image_root = image_processor, image_root
+    def __init__(self, batches, image_processor):
+        self.paths = [[image_file(rec) if rec.get("image") else None for rec, _ in batch] for batch in batches]
+        self.image_processor = image_processor
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from model.processor import load_image
         images, errors = [], {}
         for k, path in enumerate(self.paths[i]):
             if path:
                 try:
-                    images.append(load_image(os.path.join(self.image_root, path)))
+                    images.append(load_image(path))
                 except (OSError, ValueError) as e:
                     errors[k] = str(e)
         pv, sizes = self.image_processor(images)
@@ -255,7 +272,6 @@ def run_generation(model, proc, todo, mode, args, writer, main=True):
     """Batched greedy answers (left-padded prompts, positions from the mask: batch size does not change them).
     Prompts are tokenized up front (image sizes from the file headers) and sorted by length, so that a batch holds
     similar lengths; the pixels are decoded batch by batch in DataLoader workers, never all at once."""
-    from model.generation import left_pad
     device = model.output_weight.device
     max_new = args.max_new_tokens if mode == "cot" else args.max_new_tokens_direct
     eos = set(model.eos_token_ids)
@@ -268,7 +284,7 @@ def run_generation(model, proc, todo, mode, args, writer, main=True):
 
     planned = []
     for rec in todo:
-        p = plan(rec, mode, proc, args)
+        p = prompt_ids(rec, mode, proc, args)
         if isinstance(p, str):
             failed(rec, p)
         else:
@@ -278,7 +294,7 @@ def run_generation(model, proc, todo, mode, args, writer, main=True):
     if not batches:
         bar.close()
         return
-    loader = torch.utils.data.DataLoader(BatchImages(batches, proc.image_processor, args.image_root), batch_size=None,
+    loader = torch.utils.data.DataLoader(BatchImages(batches, proc.image_processor), batch_size=None,
                                          num_workers=args.workers)
     for b, pv, sizes, errors in loader:
         for k, err in errors.items():
@@ -304,11 +320,18 @@ def run_generation(model, proc, todo, mode, args, writer, main=True):
 RERANK = ("cot majority", "cot best-of-n", "cot weighted", "cot likelihood")
 
 
+def rerank_sizes(args):
+    """The n of --rerank-sizes (default 1, 2, 4, ... up to --rerank); checked before anything is written."""
+    sizes = args.rerank_sizes or [2 ** k for k in range(args.rerank.bit_length()) if 2 ** k <= args.rerank]
+    if max(sizes) > args.rerank:
+        raise UserError(f"--rerank-sizes {max(sizes)} is above --rerank {args.rerank}")
+    return sizes
+
+
 def dpo_rows(rec, texts, proc, image_sizes, args):
     """Each response as (input ids, targets) exactly as train_dpo.py trains on it (data/collate.PairDataset): the
     pair's question, the response cut to --truncate-words by the paper's rule, no final end-of-turn token."""
-    from data.collate import PairDataset
-    rows = PairDataset([], proc, args.image_root, args.truncate_words, args.template)
+    rows = PairDataset([], proc, ".", args.truncate_words, args.template)      # (its tokenizer only: no images)
     question = model_prompt(rec, "cot").replace("<image>\n", "", 1)
     return [rows.tokenize(question, t, image_sizes, 1 if rec.get("image") else 0) for t in texts]
 
@@ -335,23 +358,20 @@ def run_rerank(model, proc, todo, args, writer, dtype, device, main=True):
     reward-weighted voting (each answer weighted by the sum of softmax(reward) over its samples), and, as a control,
     by the reference's own likelihood log pi_ref (the SFT model's). Every response is scored as DPO training saw it
     (dpo_rows). A sample that never stops is kept as a candidate (a verifier faces every sample)."""
-    from model.generation import left_pad, row_logprobs
-    if not (args.reward_model and args.reference):
-        raise SystemExit("error: --rerank needs --reward-model and --reference")
-    sizes_n = args.rerank_sizes or [2 ** k for k in range(args.rerank.bit_length()) if 2 ** k <= args.rerank]
-    if max(sizes_n) > args.rerank:
-        raise SystemExit(f"error: --rerank-sizes {max(sizes_n)} is above --rerank {args.rerank}")
+    sizes_n = rerank_sizes(args)
     same = os.path.abspath
-    reward_model = model if same(args.reward_model) == same(args.model) else load(args.reward_model, dtype, device)[0]
+    reward_model = model if same(args.reward_model) == same(args.model) else \
+        load_model(args.reward_model, dtype, device)[0]
     reference = model if same(args.reference) == same(args.model) else \
-        reward_model if same(args.reference) == same(args.reward_model) else load(args.reference, dtype, device)[0]
+        reward_model if same(args.reference) == same(args.reward_model) else load_model(args.reference, dtype,
+                                                                                         device)[0]
     eos = set(model.eos_token_ids)
     bar = tqdm(total=len(todo), desc=f"rerank x{args.rerank}", unit="q", dynamic_ncols=True, disable=not main)
     for b in range(0, len(todo), args.batch_size):
         batch, prompts, images, ok = todo[b:b + args.batch_size], [], [], []
         for rec in batch:
             try:
-                image = proc.load_image(os.path.join(args.image_root, rec["image"])) if rec.get("image") else None
+                image = proc.load_image(image_file(rec)) if rec.get("image") else None
             except (OSError, ValueError) as e:
                 for m in RERANK:
                     writer.write({"id": rec["id"], "dataset": rec["dataset"], "mode": m, "error": str(e), "score": 0.0,
@@ -359,7 +379,7 @@ def run_rerank(model, proc, todo, args, writer, dtype, device, main=True):
                 bar.update(1)
                 continue
             ok.append(rec)
-            prompts.append(plan(rec, "cot", proc, args)[0])
+            prompts.append(prompt_ids(rec, "cot", proc, args)[0])
             images += [image] if image else []
         if not ok:
             continue
@@ -432,7 +452,7 @@ def rerank_table(rows):
 MODES = ("direct", "cot") + RERANK
 
 
-def mine(todo, what, d):
+def rank_share(todo, what, d):
     """This process's share of the records left: every world-th one, from its rank on."""
     share = todo[d.rank::d.world]
     if d.distributed:
@@ -472,12 +492,13 @@ def main(argv=None):
     args = parse_args(argv)
     pred_path = os.path.join(args.out, "predictions.jsonl")
     if args.rescore and not os.path.isdir(args.out):
-        raise SystemExit(f"error: --out {args.out}: no such directory, nothing to rescore")
+        raise UserError(f"--out {args.out}: no such directory, nothing to rescore")
     check_out_dir(args.out)
+    check_files(args.data, "--data")
 
     if args.rescore:                                   # no model, no generation: extraction and metrics again
         if not os.path.exists(pred_path):
-            raise SystemExit(f"error: {pred_path} not found: nothing to rescore")
+            raise UserError(f"{pred_path} not found: nothing to rescore")
         records = {r["id"]: r for r in load_qa(args.data)} if args.data else {}
         rows = [row for _, row in read_jsonl(pred_path)]
         blind = sorted({r["dataset"] for r in rows if "output" in r and r["id"] not in records and "meta" not in r
@@ -487,7 +508,6 @@ def main(argv=None):
                              "rescored: pass the records with --data")
         extractions = {}
         if args.gpt_extract:                           # MathVista's GPT answer extraction, opt-in, cost shown first
-            from data import gpt_extract
             extractions = gpt_extract.run(rows, records, args)
             if extractions is None:
                 return 0
@@ -507,23 +527,18 @@ def main(argv=None):
         print(table(rows, args.out))
         return 0
 
+    # ---- every check before the first write (a refused command leaves nothing behind)
     if not (args.model and args.data):
-        raise SystemExit("error: --model and --data are needed (or --rescore)")
+        raise UserError("--model and --data are needed (or --rescore)")
     check_model_dir(args.model)
-    for flag, path in (("--reward-model", args.reward_model), ("--reference", args.reference)):
-        if args.rerank and path:
-            check_model_dir(path, flag)
-    d = Dist()
-    try:
-        records = []
-        for path in args.data:
-            recs = load_qa(path)
-            records += recs[:args.limit] if args.limit else recs
-    except (FormatError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    unknown = sorted({r["dataset"] for r in records} - set(FAMILIES))
-    if unknown:
-        raise SystemExit(f"error: unknown dataset(s) {unknown}; known: {sorted(FAMILIES)}")
+    if args.rerank:
+        if not (args.reward_model and args.reference):
+            raise UserError("--rerank needs --reward-model (the DPO model) and --reference (its SFT model)")
+        check_model_dir(args.reward_model, "--reward-model")
+        check_model_dir(args.reference, "--reference")
+        rerank_sizes(args)
+    d = Dist(args.dist_timeout)
+    records = load_records(args.data, args.image_root, args.limit)
     dtype = dtype_of(args.dtype, d.device)
     # OUT holds one model's answers: a rerun resumes them only for the same model, data and settings
     fields = {"stage": "evaluate", "model": model_id(args.model), "data": [file_id(f) for f in args.data],
@@ -541,7 +556,7 @@ def main(argv=None):
     if d.main:
         claim(os.path.join(args.out, "manifest.json"), fields, created, args.overwrite)
     d.barrier()
-    model, proc = load(args.model, dtype, d.device)
+    model, proc = load_model(args.model, dtype, d.device)
     progress["then"] = "rerun the same command to continue (the answers so far are kept)"
 
     # ---- what is left: every process reads the same finished rows before any process writes
@@ -557,12 +572,12 @@ def main(argv=None):
     if args.rerank:
         todo = [r for r in records if (r["id"], "cot best-of-n") not in done]
         print0(f"{len(records)} records, {len(records) - len(todo)} already reranked")
-        run_rerank(model, proc, mine(todo, "rerank", d), args, writer, dtype, d.device, d.main)
+        run_rerank(model, proc, rank_share(todo, "rerank", d), args, writer, dtype, d.device, d.main)
     else:
         for mode in modes:
             todo = [r for r in records if (r["id"], mode) not in done]
             print0(f"{mode}: {len(records)} records, {len(records) - len(todo)} already done")
-            run_generation(model, proc, mine(todo, mode, d), mode, args, writer, d.main)
+            run_generation(model, proc, rank_share(todo, mode, d), mode, args, writer, d.main)
     writer.close()
     d.barrier()
     if d.main:

@@ -28,11 +28,14 @@ import zlib
 
 from tqdm import tqdm
 
-from common import (ArgumentParser, Dist, UserError, check_model_dir, claim, cli, dtype_of, file_id, model_id, number,
-                    print0, progress)
+from common.cli import ArgumentParser, UserError, add_dist_timeout, cli, number, progress
+from common.dist import Dist, dtype_of, print0
+from common.manifest import check_files, check_model_dir, claim, file_id, model_id
 from data.answers import grade
-from data.formats import Appender, FormatError, load_qa, read_jsonl, repair_tail
+from data.formats import Appender, load_qa, read_jsonl, repair_tail
 from data.prompts import model_prompt
+from data.tasks import checkable, steps_correct
+from model import LlavaNext, Processor
 from model.generation import left_pad
 
 
@@ -66,6 +69,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--seed", type=int, default=0, help="each question samples from its own stream seeded by this")
+    add_dist_timeout(ap)
     args = ap.parse_args(argv)
     if args.min_acc > args.max_acc:
         ap.error(f"--min-acc {args.min_acc} is above --max-acc {args.max_acc}")
@@ -109,11 +113,9 @@ def existing_ranks(base):
 def main(argv=None):
     args = parse_args(argv)
     check_model_dir(args.model)
-    d = Dist()
-    try:
-        records = load_qa(args.data)
-    except (FormatError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    check_files(args.data, "--data")
+    d = Dist(args.dist_timeout)
+    records = load_qa(args.data)
     records = records[:args.limit] if args.limit else records
     if args.grade == "steps" and any(not checkable(r) for r in records):
         raise UserError("--grade steps needs synthetic records with their chart data (meta); "
@@ -149,7 +151,6 @@ def main(argv=None):
     writers = {k: Appender(p) for k, p in part_paths(base, d.rank).items()}
 
     # ---------------------------------------------------------------- model
-    from model import LlavaNext, Processor
     model = LlavaNext.from_pretrained(args.model, dtype=dtype, device=d.device).eval()
     proc = Processor.from_pretrained(args.model)
     eos = set(model.eos_token_ids)
@@ -238,17 +239,11 @@ def drop_orphans(paths, done):
             os.replace(path + ".tmp", path)
 
 
-def checkable(rec):
-    """A record whose rationale steps can be checked: the synthetic task's, with its chart's data."""
-    return rec["dataset"] == "synthetic" and "chart" in (rec.get("meta") or {})
-
-
 def handle(rec, samples, proc, eos, special, args, writers, stats):
     """Grade one question's samples, window it by accuracy, write its pairs, RFT rows and log line. The accuracy is
     over all N samples, as the paper grades them: a sample that never stops (or holds an image / control token)
     counts as wrong, but is never a rejected answer, since it is cut off rather than wrong in its reasoning. With
     --grade steps a right answer reached through a wrong step is an incorrect sample (a possible rejected answer)."""
-    from data.synthetic import steps_correct
     correct, incorrect, wrong_steps, dropped = [], [], 0, 0
     for row in samples:
         stop = next((i for i, t in enumerate(row) if t in eos), None)

@@ -20,6 +20,7 @@ pairs, how often a rejected chain's most negative token sits at its first wrong 
 import html
 import json
 import os
+import re
 import time
 from functools import partial
 
@@ -27,14 +28,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
-from common import (ArgumentParser, Dist, Metrics, Skips, Timer, add_run_flags, autocast, check_model_dir,
-                    check_out_dir, cli, clip, file_id, lr_factor, model_id, number, precision, print0, progress,
-                    seed_all, set_lr)
-from data.collate import (PairDataset, balance, collate_pairs, global_batches, per_sequence, split_batch,
-                          truncate_words)
-from data.formats import FormatError, load, validate_pair
-from model import Processor
+from common.cli import ArgumentParser, UserError, cli, number, progress
+from common.dist import Dist, print0
+from common.manifest import check_files, check_model_dir, check_out_dir, file_id, model_id
+from common.metrics import Metrics, Skips, Timer
+from common.schedule import lr_factor, set_lr
+from data.collate import PairDataset, collate_pairs, per_sequence, truncate_words
+from data.formats import load_pairs
+from data.tasks import first_error_span
+from model import LlavaNext, Processor
+from training.checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
+from training.guard import Guard
+from training.loop import (add_run_flags, autocast, clip_grad, loader, precision, rank_schedule, seed_all,
+                           set_base_lrs, to_device)
+from training.memory import check_fits, gpu_bytes
 
 
 def parse_args(argv=None):
@@ -96,24 +103,28 @@ def dpo_loss(pc, pr, rc, rr, beta, label_smoothing=0.0):
     return losses, chosen, rejected
 
 
+# the sums a step's metrics are made of, divided by the step's pairs at its end (named, not addressed by position)
+SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+        "logps/rejected")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # ---------------------------------------------------------------- init
+    # ---------------------------------------------------------------- init: every check before the first write
     check_model_dir(args.model)
+    check_files(args.pairs, "--pairs")
+    check_files(args.dev_pairs, "--dev-pairs")
+    check_out_dir(args.out)
     d = Dist(args.dist_timeout)
     seed_all(args.seed)
-    cuda = d.device.type == "cuda"
     compute, save_dtype, pack = precision(args, d)
+    check_fits(configure(LlavaNext.empty(args.model), args), d.distributed and args.fsdp, d.world, gpu_bytes(d.device),
+               live_reference=not args.precompute_ref)
 
     # ---------------------------------------------------------------- data
     processor = Processor.from_pretrained(args.model)
-    try:
-        pairs = [(p, f"pair {p['id']}") for p in load(args.pairs, validate_pair)]
-        dev = [(p, f"dev pair {p['id']}") for p in load(args.dev_pairs, validate_pair)] if args.dev_pairs else []
-    except (FormatError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    pairs, same = drop_identical(pairs, args.truncate_words)
-    dev, dev_same = drop_identical(dev, args.truncate_words)
+    pairs, same = drop_identical(load_pairs(args.pairs), args.truncate_words)
+    dev, dev_same = drop_identical(load_pairs(args.dev_pairs) if args.dev_pairs else [], args.truncate_words)
     if same or dev_same:
         print0(f"dropped {same} pairs{f' and {dev_same} dev pairs' if dev_same else ''} whose chosen equals the "
                f"rejected once cut to --truncate-words {args.truncate_words} (a zero gradient at loss ln 2)")
@@ -124,18 +135,13 @@ def main(argv=None):
     global_size = micro * world * accum
     per_epoch = len(pairs) // global_size
     if per_epoch == 0:
-        raise SystemExit(f"error: {len(pairs)} pairs make no global batch of {global_size}")
+        raise UserError(f"--pairs: {len(pairs)} pairs make no global batch of {global_size} "
+                        f"(--batch-size {micro} x {world} processes x {accum} accumulation)")
     total = args.max_steps or max(1, int(args.epochs * per_epoch))
     if args.grad_accum is None and global_size != args.global_batch:
         print0(f"warning: --global-batch {args.global_batch} is not a multiple of {micro} pairs x {world} processes: "
                f"each step takes {global_size} pairs")
-    check_out_dir(args.out)
-    resume = claim_run(args, d, {
-        "stage": "dpo", "model": model_id(args.model), "pairs": [file_id(f) for f in args.pairs],
-        "dev_pairs": [file_id(f) for f in args.dev_pairs or []], "global_batch": global_size, "steps": total,
-        "compute": str(compute), "flags": {k: getattr(args, k) for k in (
-            "truncate_words", "max_len", "template", "beta", "label_smoothing", "sft_weight", "lr", "train_vision",
-            "train_projector", "weight_decay", "warmup_ratio", "min_lr_ratio", "clip", "seed")}})
+    resume = claim_run(args, d, run_fields(args, global_size, total, compute))
     lengths = [len(p["chosen"]) + len(p["rejected"]) + len(p["question"]) for p, _ in pairs]
     print0(f"{len(pairs)} pairs | global batch {global_size} = {micro} per micro-batch x {world} processes x "
            f"{accum} accumulation | {total} steps | beta {args.beta} | truncate {args.truncate_words} words | "
@@ -143,15 +149,8 @@ def main(argv=None):
     print0("config: " + json.dumps(vars(args)))
 
     # ---------------------------------------------------------------- models
-
-    def configure(model):
-        model.vision_tower.requires_grad_(args.train_vision)
-        model.multi_modal_projector.requires_grad_(args.train_projector)
-        model.image_newline.requires_grad_(args.train_projector)
-        model.freeze_unused()
-        model.set_grad_checkpointing(args.grad_checkpointing)
-
-    model, policy = load_for_training(resume or args.model, args, d, compute, configure, weights=resume is None)
+    model, policy = load_for_training(resume or args.model, args, d, compute, partial(configure, args=args),
+                                      weights=resume is None)
     collate = partial(collate_pairs, pack=pack, pad_id=0 if processor.image_token_id else 1)
     ref_table = cached_reference_table(args, d) if args.precompute_ref else None
     reference = None
@@ -159,94 +158,94 @@ def main(argv=None):
         reference = load_for_training(args.model, args, d, compute, frozen=True)[0]
     if args.precompute_ref and ref_table is None:
         ref_table = reference_table(reference, [dataset, dev_set], collate, args, d, compute)
-        del reference
         reference = None
-        if cuda:
+        if d.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"name": "llm", "params": params, "lr": args.lr}], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=cuda or None)
-    for g in optimizer.param_groups:
-        g["base_lr"] = g["lr"]
+                                  weight_decay=args.weight_decay, fused=d.device.type == "cuda" or None)
+    set_base_lrs(optimizer, {"llm": args.lr})
     start = 0
     if resume:
         start = load_state(resume, policy, optimizer)["step"]
-        for g in optimizer.param_groups:
-            g["base_lr"] = args.lr
+        set_base_lrs(optimizer, {"llm": args.lr})
         print0(f"resumed from {resume} at step {start}")
 
-    # ---------------------------------------------------------------- data order
-    schedule, splits = [], []
-    for step in range(start, total):
-        batch = global_batches(lengths, global_size, args.seed, step // per_epoch)[step % per_epoch]
-        split = split_batch(batch, lengths, micro, world, accum)
-        schedule += [s[d.rank] for s in split]
-        splits += split if len(splits) < 200 else []
-    if world > 1:
-        print0(f"ranks balanced by length: mean / max per micro-batch {balance(splits, lengths):.3f}")
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=schedule, num_workers=args.workers,
-                                               collate_fn=collate, persistent_workers=args.workers > 0))
+    # ---------------------------------------------------------------- data order for this rank
+    schedule = rank_schedule(lengths, micro, world, accum, d.rank, args.seed, per_epoch, start, total)
+    batches = loader(dataset, schedule, collate, args.workers, d.device)
 
     # ---------------------------------------------------------------- loop
     metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
-    timer, t0, skips = Timer(), time.time(), Skips(d)
+    skips, guard, timer, t0 = Skips(d), Guard(resume), Timer(), time.time()
     if same and d.main:                                 # counted once (every rank dropped the same pairs)
         skips.counts["chosen equals rejected (dropped at load)"] = same
     bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not d.main, dynamic_ncols=True)
     policy.train()
-    progress["then"] = f"rerun with --resume to continue from {os.path.basename(resume)}" if resume else \
-        "no checkpoint written yet (--save-every): a rerun with --resume starts over"
     for step in range(start, total):
         progress["at"] = f"step {step + 1} of {total}"
-        micro_list = [next(batches) for _ in range(accum)]
-        n_pairs, n_skipped = d.all_sum([sum(m["n"] for m in micro_list),
-                                        sum(len(m["skipped"]) for m in micro_list)]).tolist()
-        chosen_tokens = d.all_sum(sum(m.get("chosen_supervised", 0) for m in micro_list)).item()
-        sums = torch.zeros(7, dtype=torch.float64)         # loss, r_chosen, r_rejected, correct, margin, pc, pr
-        for k, mb in enumerate(micro_list):
+        micro_batches = [next(batches) for _ in range(accum)]
+        for mb in micro_batches:
             skips.add(mb["skipped"])
-            with grad_sync(policy, k == accum - 1), autocast(d, compute):
-                pc, pr, lp_c = policy_logps(policy, mb, d)
-                rc, rr = ref_logps(reference, ref_table, mb, d, pc)
-                losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, args.beta, args.label_smoothing)
-                loss = losses.sum() / max(n_pairs, 1.0)
-                if args.sft_weight:
-                    loss = loss + args.sft_weight * (-lp_c) / max(chosen_tokens, 1.0)
-                (loss * world).backward()
-            with torch.no_grad():
-                sums += torch.stack([losses.sum(), r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(),
-                                     (r_c - r_r).sum(), pc.sum(), pr.sum()]).double().cpu()
-        gnorm = clip(model, args.clip)
+            if ref_table is not None:
+                add_reference(mb, ref_table, d)
+
+        # the loss is the mean over the global batch's pairs (and the SFT term over its chosen tokens): counted over
+        # all ranks before the first backward
+        counts = d.all_sum([sum(mb["n"] for mb in micro_batches), sum(len(mb["skipped"]) for mb in micro_batches),
+                            sum(mb.get("chosen_supervised", 0) for mb in micro_batches)]).tolist()
+        n_pairs, n_skipped, chosen_tokens = counts
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=d.device)
+        for k, mb in enumerate(micro_batches):
+            with grad_sync(policy, k == accum - 1):       # DDP: one gradient all-reduce, after the last one
+                sums += train_micro_batch(policy, reference, mb, d, compute, args, n_pairs, chosen_tokens, world)
+
+        # the step's one read from the GPU: the sums, the gradient norm, and whether any rank was sent SIGTERM
+        gnorm = clip_grad(model, args.clip)
+        totals = d.all_sum(torch.cat([sums, torch.full((1,), guard.flag(), dtype=torch.float64, device=d.device)]))
+        *values, stop = totals.tolist()
+        gnorm = float(gnorm)
+        step_metrics = {name: v / max(n_pairs, 1.0) for name, v in zip(SUMS, values)}
+        if n_pairs > 0:
+            guard.check_finite(step + 1, total, step_metrics["loss"], gnorm)   # a non-finite step is never applied
+
         set_lr(optimizer, lr_factor(step, total, args.warmup_ratio, args.min_lr_ratio))
         if n_pairs > 0:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sums = d.all_sum(sums).cpu() / max(n_pairs, 1.0)
-        row = {"step": step + 1, "loss": float(sums[0]), "rewards/chosen": float(sums[1]),
-               "rewards/rejected": float(sums[2]), "rewards/accuracy": float(sums[3]), "rewards/margin": float(sums[4]),
-               "logps/chosen": float(sums[5]), "logps/rejected": float(sums[6]), "lr": optimizer.param_groups[0]["lr"],
-               "gnorm": gnorm, "pairs_s": n_pairs / timer.lap(), "time": time.time() - t0}
+        bar.update(1)
+
+        lr = optimizer.param_groups[0]["lr"]
+        row = {"step": step + 1, **step_metrics, "lr": lr, "gnorm": gnorm, "pairs_s": n_pairs / timer.lap(),
+               "time": time.time() - t0}
         if n_skipped:
             row["skipped"] = int(n_skipped)
         if n_pairs == 0:                   # nothing trained: no loss to log (a 0 would read as a perfect step)
-            row = {"step": step + 1, "skipped": int(n_skipped), "skip_reasons": step_skip_reasons(micro_list, d),
-                   "lr": row["lr"], "time": row["time"]}
+            row = {"step": step + 1, "skipped": int(n_skipped), "skip_reasons": step_skip_reasons(micro_batches, d),
+                   "lr": lr, "time": row["time"]}
         if dev and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
             row.update(evaluate_pairs(policy, reference, ref_table, dev_set, collate, args, d, compute))
-        bar.update(1)
         if (step + 1) % args.log_every == 0 or step + 1 == total or n_pairs == 0:
             metrics.log(row)
             if d.main:
                 bar.write(step_line(row, total))
+
+        def save_now(step=step + 1):
+            return save(args, d, model, policy, optimizer, processor, step, save_dtype)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save(args, d, model, policy, optimizer, processor, step + 1, save_dtype)
+            guard.saved(save_now(), step + 1)
+        if stop > 0 and step + 1 < total:
+            bar.close()
+            metrics.close()
+            guard.preempted(step + 1, total, save_now)
     bar.close()
 
     # ---------------------------------------------------------------- save, dev, audit, summary
-    final = save(args, d, model, policy, optimizer, processor, total, save_dtype, final=True) if start < total \
-        else resume
+    final = resume
+    if start < total:
+        final = save(args, d, model, policy, optimizer, processor, total, save_dtype, final=True)
     dev_metrics = evaluate_pairs(policy, reference, ref_table, dev_set, collate, args, d, compute) if dev else {}
     if dev_metrics:
         metrics.log({"step": total, **dev_metrics})
@@ -279,18 +278,59 @@ def drop_identical(pairs, k):
     return keep, len(pairs) - len(keep)
 
 
+def configure(model, args):
+    """What trains (before sharding): the language model; the tower and projector only when asked (paper: frozen)."""
+    model.vision_tower.requires_grad_(args.train_vision)
+    model.multi_modal_projector.requires_grad_(args.train_projector)
+    model.image_newline.requires_grad_(args.train_projector)
+    model.freeze_unused()
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    return model
+
+
+def run_fields(args, global_size, total, compute):
+    """What this run's outputs depend on (OUT/manifest.json): a rerun resumes only when they match."""
+    flags = ("truncate_words", "max_len", "template", "beta", "label_smoothing", "sft_weight", "lr", "train_vision",
+             "train_projector", "weight_decay", "warmup_ratio", "min_lr_ratio", "clip", "seed")
+    return {"stage": "dpo", "model": model_id(args.model), "pairs": [file_id(f) for f in args.pairs],
+            "dev_pairs": [file_id(f) for f in args.dev_pairs or []], "global_batch": global_size, "steps": total,
+            "compute": str(compute), "flags": {k: getattr(args, k) for k in flags}}
+
+
+def train_micro_batch(policy, reference, mb, d, compute, args, n_pairs, chosen_tokens, world):
+    """Forward and backward of one micro-batch of pairs; returns its sums of the SUMS metrics (detached, float64 on
+    the device: read once per step). The loss is the mean over the global batch's n_pairs; --sft-weight adds the
+    NLL of the chosen answers over the global batch's chosen tokens."""
+    with autocast(d, compute):
+        pc, pr, lp_chosen = policy_logps(policy, mb, d)
+        rc, rr = ref_logps(reference, mb, d, pc)
+        losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, args.beta, args.label_smoothing)
+        loss = losses.sum() / max(n_pairs, 1.0)
+        if args.sft_weight:
+            loss = loss + args.sft_weight * (-lp_chosen) / max(chosen_tokens, 1.0)
+    (loss * world).backward()
+    with torch.no_grad():
+        return torch.stack([losses.sum(), r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), (r_c - r_r).sum(),
+                            pc.sum(), pr.sum()]).double()
+
+
+def add_reference(mb, table, d):
+    """The precomputed reference log-probs of a batch's pairs, as mb["ref"] (2, B) on the host (pinned on CUDA, so
+    the copy to the GPU does not wait)."""
+    if mb["n"] == 0:
+        return
+    ref = torch.tensor([[table[i][0] for i in mb["ids"]], [table[i][1] for i in mb["ids"]]])
+    mb["ref"] = ref.pin_memory() if d.device.type == "cuda" else ref
+
+
 def step_skip_reasons(micro_list, d):
     """{reason: count} of this step's skipped pairs over all ranks (every rank calls it at the same step)."""
     mine = {}
     for m in micro_list:
         for reason, _ in m["skipped"]:
             mine[reason] = mine.get(reason, 0) + 1
-    if not d.distributed:
-        return mine
-    parts = [None] * d.world
-    torch.distributed.all_gather_object(parts, mine)
     out = {}
-    for p in parts:
+    for p in d.gather_objects(mine):
         for k, v in p.items():
             out[k] = out.get(k, 0) + v
     return out
@@ -309,11 +349,12 @@ def step_line(row, total):
 
 
 def forward_logps(model, mb, d):
-    """Per-position log-probs of a pair batch (2B rows, or packed) through the model's own forward."""
-    to = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+    """(the batch on the device, per-position log-probs) of a pair batch (2B rows, or packed) through the model's
+    own forward; each image is encoded once for its chosen and rejected rows (image_repeat=2)."""
+    to = to_device(mb, d.device)
     return to, model(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
                      cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
-                     image_repeat=2, keep_vision_in_graph=True)
+                     target_rows=to.get("target_rows"), image_repeat=2, keep_vision_in_graph=True)
 
 
 def policy_logps(policy, mb, d):
@@ -329,16 +370,17 @@ def policy_logps(policy, mb, d):
     return seq[:B], seq[B:], seq[:B].sum()
 
 
-def ref_logps(reference, table, mb, d, like):
+def ref_logps(reference, mb, d, like):
+    """(reference log p(chosen), log p(rejected)) of a micro-batch: precomputed (mb["ref"], add_reference) or from
+    the frozen reference model. `like`: a tensor of the policy's, for the empty batch's shape and dtype."""
     if mb["n"] == 0:
-        if table is None and reference is not None:   # a sharded reference needs every rank in every forward
+        if "ref" not in mb and reference is not None:   # a sharded reference needs every rank in every forward
             with torch.no_grad():
                 policy_logps(reference, mb, d)
         return like, like
-    if table is not None:
-        rc = torch.tensor([table[i][0] for i in mb["ids"]], device=like.device, dtype=like.dtype)
-        rr = torch.tensor([table[i][1] for i in mb["ids"]], device=like.device, dtype=like.dtype)
-        return rc, rr
+    if "ref" in mb:
+        ref = mb["ref"].to(like.device, dtype=like.dtype, non_blocking=True)
+        return ref[0], ref[1]
     with torch.no_grad():
         to, lp = forward_logps(reference, mb, d)
         seq = per_sequence(lp, to)
@@ -373,14 +415,10 @@ def reference_table(reference, datasets, collate, args, d, compute):
         for mb in tqdm(shares(ds, collate, args, d), desc="reference log-probs", disable=not d.main,
                        dynamic_ncols=True):
             with torch.no_grad(), autocast(d, compute):
-                rc, rr = ref_logps(reference, None, mb, d, torch.zeros(0))
-            for k, pid in enumerate(mb["ids"]):
-                mine[pid] = (float(rc[k]), float(rr[k]))
-    table = mine
-    if d.distributed:                                   # each rank computed its share: gather them
-        parts = [None] * d.world
-        torch.distributed.all_gather_object(parts, mine)
-        table = {k: v for p in parts for k, v in p.items()}
+                rc, rr = ref_logps(reference, mb, d, torch.zeros(0))
+            for pid, c, r in zip(mb["ids"], rc.tolist(), rr.tolist()):
+                mine[pid] = (c, r)
+    table = {k: v for part in d.gather_objects(mine) for k, v in part.items()}     # each rank computed its share
     if d.main:
         torch.save({"key": reference_key(args), "table": table}, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -400,34 +438,36 @@ def shares(dataset, collate, args, d):
         yield next(loader, {"n": 0, "ids": [], "skipped": []})
 
 
+DEV = ("dev/loss", "dev/accuracy", "dev/margin", "dev/rewards_chosen", "dev/rewards_rejected")
+
+
 def evaluate_pairs(policy, reference, table, dataset, collate, args, d, compute):
-    """Dev metrics with no gradient: loss, reward accuracy and margin, mean rewards."""
+    """Dev metrics with no gradient: loss, reward accuracy and margin, mean rewards (read once, at the end)."""
     policy.eval()
-    sums, n = torch.zeros(5, dtype=torch.float64), 0
+    sums, n = torch.zeros(len(DEV), dtype=torch.float64, device=d.device), 0
     for mb in shares(dataset, collate, args, d):
+        if table is not None:
+            add_reference(mb, table, d)
         with torch.no_grad(), autocast(d, compute):
             pc, pr, _ = policy_logps(policy, mb, d)
-            rc, rr = ref_logps(reference, table, mb, d, pc)
+            rc, rr = ref_logps(reference, mb, d, pc)
             losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, args.beta, args.label_smoothing)
         sums += torch.stack([losses.sum(), (r_c > r_r).float().sum(), (r_c - r_r).sum(), r_c.sum(),
-                             r_r.sum()]).double().cpu()
+                             r_r.sum()]).double()
         n += mb["n"]
     policy.train()
-    total = max(d.all_sum(n).item(), 1.0)
-    sums = d.all_sum(sums).cpu() / total
-    return {"dev/loss": float(sums[0]), "dev/accuracy": float(sums[1]), "dev/margin": float(sums[2]),
-            "dev/rewards_chosen": float(sums[3]), "dev/rewards_rejected": float(sums[4])}
+    *values, total = d.all_sum(torch.cat([sums, torch.full((1,), float(n), dtype=torch.float64,
+                                                           device=d.device)])).tolist()
+    return {name: v / max(total, 1.0) for name, v in zip(DEV, values)}
 
 
 def error_window(meta, toks, processor):
     """The token indexes of a rejected chain's first error, and the one token right after it: the first wrong step
-    of its rationale (data.synthetic.first_wrong_step), or its answer when every step checks. None when neither is
+    of its rationale (data.tasks.first_error_span), or its answer when every step checks. None when neither is
     found. toks: the response's token ids as DPO trained on them; each token's characters come from decoding the
     prefixes, so the window is found in the very text the tokens spell."""
-    import re
-    from data.synthetic import first_wrong_step
     text = processor.decode(toks, skip_special_tokens=False)
-    span = first_wrong_step({"meta": meta}, text)
+    span = first_error_span(meta, text)
     if span is None:
         marker = re.search(r"#+\s*answer\s*:", text, re.IGNORECASE)
         if marker is None:
@@ -458,7 +498,7 @@ def audit(policy, reference, dataset, collate, args, d, compute, processor, show
             to, lp_pol = forward_logps(policy, mb, d)
             _, lp_ref = forward_logps(reference, mb, d)
         rewards, tgt = (args.beta * (lp_pol - lp_ref)).float().cpu(), to["targets"].cpu()
-        metas = {str(p["id"]): p.get("meta") for p, _ in dataset.pairs[b:b + 16]}
+        metas = {key: p.get("meta") for p, key in dataset.pairs[b:b + 16]}
         for k, pid in enumerate(mb["ids"]):
             sides = []
             for row, side in ((k, "chosen"), (mb["n"] + k, "rejected")):

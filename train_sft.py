@@ -27,14 +27,19 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
-from common import (ArgumentParser, Dist, Metrics, Skips, Timer, add_run_flags, autocast, check_model_dir,
-                    check_out_dir, cli, clip, file_id, lr_factor, model_id, number, peak_flops, precision, print0,
-                    progress, seed_all, set_lr)
-from data.collate import (SFTDataset, Skip, balance, collate, estimate_length, global_batches, histogram, load_rows,
-                          split_batch)
-from data.formats import FormatError
-from model import Processor
+from common.cli import ArgumentParser, UserError, cli, number, progress
+from common.dist import Dist, print0
+from common.manifest import check_files, check_model_dir, check_out_dir, file_id, model_id
+from common.metrics import Metrics, Skips, Timer, peak_flops
+from common.schedule import lr_factor, set_lr
+from data.collate import SFTDataset, Skip, collate, estimate_length, histogram, load_rows, per_sequence
+from data.tokenizer import unknown_words
+from model import LlavaNext, Processor
+from training.checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
+from training.guard import Guard
+from training.loop import (add_run_flags, autocast, clip_grad, loader, precision, rank_schedule, seed_all,
+                           set_base_lrs, to_device)
+from training.memory import check_fits, gpu_bytes
 
 
 def parse_args(argv=None):
@@ -77,6 +82,10 @@ def parse_args(argv=None):
                     help="share of the steps with a linear warm-up (paper: 0.03)")
     ap.add_argument("--min-lr-ratio", type=number(float, lo=0, hi=1), default=0.0,
                     help="cosine floor, as a share of each group's lr")
+    ap.add_argument("--loss-mean", choices=["token", "sample"], default="token",
+                    help="token: the mean NLL over the global batch's supervised tokens (the paper's); sample: each "
+                         "sample's mean over its own tokens, then the mean over samples (a 2-token direct answer then "
+                         "weighs as much as a 40-token rationale)")
     add_run_flags(ap, "data")
     ap.add_argument("--log-every", type=pos, default=1, help="log every K steps")
     return ap.parse_args(argv)
@@ -84,19 +93,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    # ---------------------------------------------------------------- init
+    # ---------------------------------------------------------------- init: every check before the first write
     check_model_dir(args.model)
+    check_files(args.data, "--data")
+    check_out_dir(args.out)
     d = Dist(args.dist_timeout)
     seed_all(args.seed)
-    cuda = d.device.type == "cuda"
     compute, save_dtype, pack = precision(args, d)
+    check_fits(configure(LlavaNext.empty(args.model), args), d.distributed and args.fsdp, d.world, gpu_bytes(d.device))
 
     # ---------------------------------------------------------------- data
     processor = Processor.from_pretrained(args.model)
-    try:
-        rows = load_rows(args.data, args.ratios, args.seed)
-    except (FormatError, OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    rows = load_rows(args.data, args.ratios, args.seed)
     dataset = SFTDataset(rows, processor, args.image_root, args.max_len, args.overlong, args.template, args.strict)
     if args.check_data:
         return check_data(dataset, args)
@@ -105,128 +113,128 @@ def main(argv=None):
     global_size = micro * world * accum
     per_epoch = len(rows) // global_size
     if per_epoch == 0:
-        raise SystemExit(f"error: {len(rows)} rows make no global batch of {global_size}")
+        raise UserError(f"--data: {len(rows)} rows make no global batch of {global_size} "
+                        f"(--batch-size {micro} x {world} processes x --grad-accum {accum})")
     total = args.max_steps or max(1, int(args.epochs * per_epoch))
-    check_out_dir(args.out)
-    resume = claim_run(args, d, {
-        "stage": "sft", "model": model_id(args.model), "data": [file_id(f) for f in args.data],
-        "global_batch": global_size, "steps": total, "compute": str(compute), "pack": pack, "flags": {
-            k: getattr(args, k) for k in ("ratios", "max_len", "overlong", "template", "no_group_by_length", "lr",
-                                          "vision_lr", "projector_lr", "freeze_vision", "freeze_projector",
-                                          "weight_decay", "warmup_ratio", "min_lr_ratio", "clip", "seed")}})
+    resume = claim_run(args, d, run_fields(args, global_size, total, compute, pack))
     lengths = cached_lengths(rows, processor, args, d)
     print0(f"{len(rows)} rows | global batch {global_size} = {micro} per micro-batch x {world} processes x {accum} "
-           f"accumulation | {per_epoch} steps per epoch | {total} steps | {'packed' if pack else 'padded'} batches")
+           f"accumulation | {per_epoch} steps per epoch | {total} steps | {'packed' if pack else 'padded'} batches "
+           f"| loss: mean over {'supervised tokens' if args.loss_mean == 'token' else 'samples'}")
     print0("config: " + json.dumps(vars(args)))
 
     # ---------------------------------------------------------------- model
-
-    def configure(model):
-        if args.freeze_vision:
-            model.vision_tower.requires_grad_(False)
-        if args.freeze_projector:
-            model.multi_modal_projector.requires_grad_(False)
-            model.image_newline.requires_grad_(False)
-        model.freeze_unused()
-        model.set_grad_checkpointing(args.grad_checkpointing)
-
-    model, wrapped = load_for_training(resume or args.model, args, d, compute, configure, weights=resume is None)
+    model, wrapped = load_for_training(resume or args.model, args, d, compute, partial(configure, args=args),
+                                       weights=resume is None)
     groups = param_groups(model, args)            # after sharding: FSDP2 replaces the parameters with shards
 
     # ---------------------------------------------------------------- optimizer
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                                  fused=cuda or None)
-    for g in optimizer.param_groups:
-        g["base_lr"] = g["lr"]
+                                  fused=d.device.type == "cuda" or None)
+    base_lrs = {g["name"]: g["lr"] for g in groups}
+    set_base_lrs(optimizer, base_lrs)
     start = 0
     if resume:
         start = load_state(resume, wrapped, optimizer)["step"]
-        for g in optimizer.param_groups:
-            g["base_lr"] = next(x for x in groups if x["name"] == g["name"])["lr"]
-        print0(f"resumed from {resume} at step {start} (saved by {world} process(es) or another count: resharded)")
+        set_base_lrs(optimizer, base_lrs)
+        print0(f"resumed from {resume} at step {start} (resharded onto {world} process(es) if saved by another count)")
 
     # ---------------------------------------------------------------- data order for this rank
-    schedule, splits = [], []
-    for step in range(start, total):
-        batch = global_batches(lengths, global_size, args.seed, step // per_epoch)[step % per_epoch]
-        split = split_batch(batch, lengths, micro, world, accum, not args.no_group_by_length)
-        schedule += [s[d.rank] for s in split]
-        splits += split if len(splits) < 200 else []
-    if world > 1:
-        print0(f"ranks balanced by tokens: mean / max per micro-batch {balance(splits, lengths):.3f}")
+    schedule = rank_schedule(lengths, micro, world, accum, d.rank, args.seed, per_epoch, start, total,
+                             group_by_length=not args.no_group_by_length)
     pad_id = 0 if processor.image_token_id != 0 else 1
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=schedule, num_workers=args.workers,
-                                         collate_fn=partial(collate, pack=pack, pad_id=pad_id),
-                                         persistent_workers=args.workers > 0)
-    batches = iter(loader)
+    batches = loader(dataset, schedule, partial(collate, pack=pack, pad_id=pad_id), args.workers, d.device)
 
     # ---------------------------------------------------------------- loop
     metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
-    skips, truncated, tokens_total, timer, t0 = Skips(d), 0, 0, Timer(), time.time()
+    skips, guard, timer, t0 = Skips(d), Guard(resume), Timer(), time.time()
+    truncated, tokens_total, loss = 0, 0, float("nan")
     flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     peak = peak_flops(d.device)
     bar = tqdm(total=total, initial=start, desc="sft", unit="step", disable=not d.main, dynamic_ncols=True)
     wrapped.train()
-    loss = float("nan")
-    progress["then"] = f"rerun with --resume to continue from {os.path.basename(resume)}" if resume else \
-        "no checkpoint written yet (--save-every): a rerun with --resume starts over"
     for step in range(start, total):
         progress["at"] = f"step {step + 1} of {total}"
-        micro_list = [next(batches) for _ in range(accum)]
-        supervised = d.all_sum(sum(m.get("supervised", 0) for m in micro_list)).item()
-        nll = 0.0
-        for k, mb in enumerate(micro_list):
+        micro_batches = [next(batches) for _ in range(accum)]
+        for mb in micro_batches:
             skips.add(mb["skipped"])
             truncated += mb["truncated"]
-            with grad_sync(wrapped, k == accum - 1), autocast(d, compute):
-                lp = forward(wrapped, mb, d)
-                # normalised by the supervised tokens of the whole global batch; x world undoes the gradient averaging
-                (-lp.sum() / max(supervised, 1.0) * world).backward()
-            nll += -float(lp.detach().sum())
             tokens_total += mb.get("tokens", 0)
-        gnorm = clip(model, args.clip)
+
+        # the loss is a mean over the whole global batch: its supervised tokens (or its samples), counted over all
+        # ranks before the first backward (x world undoes DDP's and FSDP's gradient averaging)
+        count_key = "supervised" if args.loss_mean == "token" else "n"
+        counts = d.all_sum([sum(mb.get(count_key, 0) for mb in micro_batches),
+                            sum(mb.get("tokens", 0) for mb in micro_batches)]).tolist()
+        denominator, tokens = counts
+        loss_sum = torch.zeros((), device=d.device)
+        for k, mb in enumerate(micro_batches):
+            with grad_sync(wrapped, k == accum - 1):       # DDP: one gradient all-reduce, after the last one
+                loss_sum += train_micro_batch(wrapped, mb, d, compute, args.loss_mean, denominator, world)
+
+        # the step's one read from the GPU: loss, gradient norm, and whether any rank was sent SIGTERM
+        gnorm = clip_grad(model, args.clip)
+        loss, stop = d.all_sum(torch.stack([loss_sum.double(), torch.full_like(loss_sum, guard.flag(),
+                                                                                 dtype=torch.float64)])).tolist()
+        gnorm = float(gnorm)
+        if denominator > 0:
+            guard.check_finite(step + 1, total, loss, gnorm)   # a non-finite step is never applied
+        else:
+            loss = float("nan")                        # nothing trained: no loss (a 0 would read as a perfect step)
+
         set_lr(optimizer, lr_factor(step, total, args.warmup_ratio, args.min_lr_ratio))
-        if supervised > 0:
+        if denominator > 0:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = d.all_sum(nll).item() / supervised if supervised else float("nan")
-        dt = timer.lap()
-        tok = d.all_sum(sum(m.get("tokens", 0) for m in micro_list)).item()
         bar.update(1)
-        if supervised == 0:                        # every sample of the step was skipped: no loss to report
-            n_skipped = int(d.all_sum(sum(len(m["skipped"]) for m in micro_list)).item())
-            metrics.log({"step": step + 1, "skipped": n_skipped, "lr": optimizer.param_groups[0]["lr"]})
-            bar.write(f"step {step + 1}/{total} | no sample trained: all {n_skipped} skipped (see the warnings) | "
-                      f"lr {optimizer.param_groups[0]['lr']:.1e}") if d.main else None
+
+        dt = timer.lap()
+        lr = optimizer.param_groups[0]["lr"]
+        if denominator == 0:                       # every sample of the step was skipped: no loss to report
+            n_skipped = int(d.all_sum(sum(len(mb["skipped"]) for mb in micro_batches)).item())
+            metrics.log({"step": step + 1, "skipped": n_skipped, "lr": lr})
+            if d.main:
+                bar.write(f"step {step + 1}/{total} | no sample trained: all {n_skipped} skipped (see the "
+                          f"warnings) | lr {lr:.1e}")
         elif (step + 1) % args.log_every == 0 or step + 1 == total:
-            row = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "gnorm": gnorm,
-                   "tok_s": tok / dt, "supervised_tokens": supervised, "time": time.time() - t0}
-            mem = ""
-            if cuda:
+            row = {"step": step + 1, "loss": loss, "lr": lr, "gnorm": gnorm, "tok_s": tokens / dt,
+                   "time": time.time() - t0}
+            if args.loss_mean == "token":
+                row["supervised_tokens"] = denominator
+            line = (f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.1e} | gnorm {gnorm:.2f} | "
+                    f"tok/s {tokens / dt:,.0f}")
+            if d.device.type == "cuda":
                 row["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                mem = f" | mem {row['mem_gib']:.1f}GiB"
+                line += f" | mem {row['mem_gib']:.1f}GiB"
                 if peak:
-                    row["mfu"] = flops_per_token * tok / dt / (peak * world)
-                    mem += f" | mfu {100 * row['mfu']:.1f}%"
+                    row["mfu"] = flops_per_token * tokens / dt / (peak * world)
+                    line += f" | mfu {100 * row['mfu']:.1f}%"
             metrics.log(row)
-            bar.write(f"step {step + 1}/{total} | loss {loss:.4f} | lr {row['lr']:.1e} | gnorm {gnorm:.2f} | "
-                      f"tok/s {tok / dt:,.0f}{mem}") if d.main else None
+            if d.main:
+                bar.write(line)
+
+        def save_now(step=step + 1):
+            return save(args, d, model, wrapped, optimizer, processor, step, save_dtype)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save(args, d, model, wrapped, optimizer, processor, step + 1, save_dtype)
+            guard.saved(save_now(), step + 1)
+        if stop > 0 and step + 1 < total:
+            bar.close()
+            metrics.close()
+            guard.preempted(step + 1, total, save_now)
     bar.close()
 
     # ---------------------------------------------------------------- save, summary
-    final = save(args, d, model, wrapped, optimizer, processor, total, save_dtype, final=True) if start < total \
-        else resume
+    final = resume
+    if start < total:
+        final = save(args, d, model, wrapped, optimizer, processor, total, save_dtype, final=True)
     metrics.close()
     skipped = skips.total()
     skipped["truncated to --max-len (kept)"] = int(d.all_sum(truncated).item())
     if d.main:
         link = link_final(args.out, final)
         png = metrics.plot(os.path.join(args.out, "loss.png"), title="SFT loss")
-        elapsed = time.time() - t0
-        print(f"done: {total - start} steps in {elapsed:.0f}s, final loss {loss:.4f}, {tokens_total:,} tokens on "
-              f"rank 0; model {link}{'; ' + png if png else ''}")
+        print(f"done: {total - start} steps in {time.time() - t0:.0f}s, final loss {loss:.4f}, {tokens_total:,} "
+              f"tokens on rank 0; model {link}{'; ' + png if png else ''}")
         if any(skipped.values()):
             print("samples not trained on (or cut): " + ", ".join(f"{k}: {v}" for k, v in skipped.items() if v))
     d.close()
@@ -235,15 +243,57 @@ def main(argv=None):
 
 # ------------------------------------------------------------------------------------------------ helpers
 
+def configure(model, args):
+    """Which parts train (before sharding: FSDP2 needs to know), and activation checkpointing."""
+    if args.freeze_vision:
+        model.vision_tower.requires_grad_(False)
+    if args.freeze_projector:
+        model.multi_modal_projector.requires_grad_(False)
+        model.image_newline.requires_grad_(False)
+    model.freeze_unused()
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    return model
+
+
+def run_fields(args, global_size, total, compute, pack):
+    """What this run's outputs depend on (OUT/manifest.json): a rerun resumes only when they match."""
+    flags = ("ratios", "max_len", "overlong", "template", "no_group_by_length", "lr", "vision_lr", "projector_lr",
+             "freeze_vision", "freeze_projector", "weight_decay", "warmup_ratio", "min_lr_ratio", "clip", "seed")
+    fields = {"stage": "sft", "model": model_id(args.model), "data": [file_id(f) for f in args.data],
+              "global_batch": global_size, "steps": total, "compute": str(compute), "pack": pack,
+              "flags": {k: getattr(args, k) for k in flags}}
+    if args.loss_mean != "token":                  # (absent by default: the manifests of earlier runs still match)
+        fields["flags"]["loss_mean"] = args.loss_mean
+    return fields
+
+
 def forward(wrapped, mb, d):
-    """Per-token log-probs of one micro-batch through the wrapped model's own forward (DDP's rule)."""
+    """(per-token log-probs, the batch on the device) of one micro-batch through the wrapped model's own forward
+    (DDP's rule: a loss computed on the unwrapped model never reduces its gradients)."""
     if mb["n"] == 0:         # every sample of this micro-batch was skipped: still take part in the collectives
         ids = torch.zeros(1, 1, dtype=torch.long, device=d.device)
-        return wrapped(ids, targets=torch.full_like(ids, -100), keep_vision_in_graph=True)
-    to = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
-    return wrapped(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
-                   cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
-                   keep_vision_in_graph=True)
+        return wrapped(ids, targets=torch.full_like(ids, -100), keep_vision_in_graph=True), None
+    to = to_device(mb, d.device)
+    lp = wrapped(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
+                 cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
+                 target_rows=to.get("target_rows"), keep_vision_in_graph=True)
+    return lp, to
+
+
+def train_micro_batch(wrapped, mb, d, compute, loss_mean, denominator, world):
+    """Forward and backward of one micro-batch; returns its part of the step's loss (detached, on the device: read
+    once per step with the others). token: -sum(log p) / the global batch's supervised tokens; sample: the sum of
+    each sample's mean -log p / the global batch's samples."""
+    with autocast(d, compute):
+        lp, to = forward(wrapped, mb, d)
+        if to is None or loss_mean == "token":
+            nll = -lp.sum()
+        else:
+            tokens = per_sequence((to["targets"] != -100).float(), to)
+            nll = -(per_sequence(lp, to) / tokens.clamp(min=1)).sum()
+        loss = nll / max(denominator, 1.0)
+    (loss * world).backward()
+    return loss.detach()
 
 
 def param_groups(model, args):
@@ -272,10 +322,7 @@ def cached_lengths(rows, processor, args, d):
         return cached["lengths"]
     mine = {i: estimate_length(rows[i][0], processor, args.image_root) for i in tqdm(
         range(d.rank, len(rows), d.world), desc="lengths", disable=not d.main or len(rows) < 5000)}
-    if d.distributed:
-        parts = [None] * d.world
-        torch.distributed.all_gather_object(parts, mine)
-        mine = {k: v for p in parts for k, v in p.items()}
+    mine = {k: v for part in d.gather_objects(mine) for k, v in part.items()}
     lengths = [mine[i] for i in range(len(rows))]
     if d.main:
         with open(path + ".tmp", "w") as f:
@@ -291,7 +338,6 @@ def unknown_word_report(rows, processor, sample=None):
     """(share, line) on how many of the rows' words a word-level tokenizer turns into <unk> (a word outside its
     vocabulary, which the model can neither read nor write), over all rows or `sample` rows spread evenly; None for
     a tokenizer without an unknown token (byte-level BPE such as Llama-3's)."""
-    from data.tokenizer import unknown_words
     if processor.tokenizer is None or not rows:
         return None
     picked = rows if not sample or len(rows) <= sample else rows[::len(rows) // sample][:sample]

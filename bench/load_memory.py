@@ -61,8 +61,8 @@ print(json.dumps({"before": before, "peak": status("VmHWM:"), "after": status("V
 
 CHILD_SHARDED = PRELUDE + r"""
 from argparse import Namespace
-from checkpoint import load_for_training
-from common import Dist
+from training.checkpoint import load_for_training
+from common.dist import Dist
 
 d = Dist()
 before, t = start()

@@ -142,7 +142,7 @@ def step_bench(config=GPU_CONFIG, samples=4, text=600, steps=10, device="cuda"):
     attn = 6 * tc.num_hidden_layers * tc.num_attention_heads * tc.head_dim * sum(x * x for x in lens) + \
         12 * vc.num_hidden_layers * vc.hidden_size * samples * crops * (vc.grid ** 2 + 1) ** 2
     flops = 6 * (n_text * tokens + n_head * supervised + n_vision * patches) + attn
-    from common import peak_flops
+    from common.metrics import peak_flops
     peak = peak_flops(dev)
     return dict(ms=dt * 1e3, tok_s=tokens / dt, tokens=tokens, supervised=supervised, params=sum(
         p.numel() for p in params.values()), text_params=n_text, tflops=flops / dt / 1e12,

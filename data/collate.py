@@ -216,7 +216,9 @@ def collate(samples, pack=False, pad_id=0):
             ids[i, :n], tgt[i, :n], mask[i, :n] = s["input_ids"], s["targets"], 1
         batch.update(input_ids=ids, targets=tgt, attention_mask=mask)
     batch["tokens"] = sum(len(s["input_ids"]) for s in real)
-    batch["supervised"] = int((batch["targets"] != -100).sum())
+    rows = (batch["targets"].reshape(-1) != -100).nonzero()[:, 0]
+    batch["target_rows"] = rows                      # the trained positions, found here on the host (no GPU sync)
+    batch["supervised"] = len(rows)
     return batch
 
 
@@ -249,7 +251,8 @@ def truncate_words(text, k, min_words=90):
 
 class PairDataset(torch.utils.data.Dataset):
     """DPO pairs (dpo_data format) -> chosen and rejected token rows sharing a prompt and its images. Each response
-    is cut by truncate_words(response, truncate) and its final <|eot_id|> dropped, as the paper's trainer does."""
+    is cut by truncate_words(response, truncate) and its final <|eot_id|> dropped, as the paper's trainer does.
+    pairs: [(pair, key)], the key ("file:line") naming the pair in batches ("ids") and messages."""
 
     def __init__(self, pairs, processor, image_root, truncate=90, template="llava", max_len=6144):
         self.pairs, self.proc, self.root = pairs, processor, image_root
@@ -283,7 +286,7 @@ class PairDataset(torch.utils.data.Dataset):
             return Skip(f"longer than --max-len {self.max_len}", where)
         if (c_tgt == -100).all() or (r_tgt == -100).all():
             return Skip("an empty response", where)
-        return {"id": str(pair["id"]), "chosen": (c_ids, c_tgt), "rejected": (r_ids, r_tgt),
+        return {"id": where, "chosen": (c_ids, c_tgt), "rejected": (r_ids, r_tgt),
                 "pixel_values": torch.cat(crops) if crops else None, "image_sizes": image_sizes, "where": where}
 
 
@@ -311,5 +314,6 @@ def per_sequence(lp, batch):
     if "cu_seqlens" not in batch:
         return lp.sum(-1)
     cu = batch["cu_seqlens"].to(lp.device).long()
-    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=lp.device), cu[1:] - cu[:-1])
+    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=lp.device), cu[1:] - cu[:-1],
+                                      output_size=lp.shape[-1])                      # (no sync: the size is known)
     return lp.new_zeros(len(cu) - 1).index_add(0, segment, lp[0])       # not a cumsum: no cancellation

@@ -28,6 +28,7 @@ import csv
 import json
 import os
 
+from common.cli import ArgumentParser, UserError, cli
 from data import vlmeval
 from data.prompts import LETTERS
 
@@ -175,7 +176,6 @@ CONVERTERS = {"chartqa": chartqa, "aokvqa": aokvqa, "docvqa": docvqa, "infovqa":
 
 
 def main():
-    from common import ArgumentParser, UserError
     ap = ArgumentParser(__doc__)
     ap.add_argument("benchmark", choices=sorted(CONVERTERS))
     ap.add_argument("--input", required=True, help="the benchmark's annotation file (AI2D: its questions/ folder)")
@@ -205,5 +205,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from common import cli
     cli(main)

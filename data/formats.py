@@ -4,7 +4,9 @@
              e.g. "meta" with the synthetic chart's data); input to distill.py, sample.py, evaluate.py
   SFT row    {"id", "image", "conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...]}, the
              released ShareGPT-4o-Reasoning / LLaVA format
-  DPO pair   {"id", "image", "question", "chosen", "rejected"} (+ extra fields), the released dpo_data format
+  DPO pair   {"image", "question", "chosen", "rejected"} (+ any extra field: "id", the released rows' "idx", ...),
+             the released dpo_data format, read as the authors' trainer reads it: ids are optional and may repeat
+             (a question's pairs share one); a pair is known by its file and line
 Bad input is an error naming the file, the line and the field. Output files are appended one record at a time and
 flushed, so a killed run loses nothing it finished; repair_tail() drops a half-written last line on resume.
 """
@@ -12,11 +14,12 @@ flushed, so a killed run loses nothing it finished; repair_tail() drops a half-w
 import json
 import os
 
+from common.cli import UserError
 from data.prompts import FAMILIES
 
 
-class FormatError(ValueError):
-    pass
+class FormatError(UserError, ValueError):
+    """Bad input data: one line naming the file, the line and the field (a UserError: no traceback)."""
 
 
 def read_jsonl(path):
@@ -77,7 +80,6 @@ def validate_sft(obj, where):
 
 
 def validate_pair(obj, where):
-    _need(obj, "id", (str, int), where)
     for field in ("question", "chosen", "rejected"):
         _need(obj, field, str, where)
     _need(obj, "image", str, where, allow_none=True)
@@ -100,6 +102,16 @@ def load(paths, validate):
 
 def load_qa(paths):
     return load(paths, validate_qa)
+
+
+def load_pairs(paths):
+    """[(pair, key)] of DPO pair files, validated; key is "file:line", the pair's name in manifests, reference caches
+    and messages (ids are optional in the released pairs, and shared by a question's pairs)."""
+    out = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        for n, obj in read_jsonl(path):
+            out.append((validate_pair(obj, f"{path}:{n}"), f"{path}:{n}"))
+    return out
 
 
 def repair_tail(path):

@@ -4,8 +4,8 @@ It follows lupantech/MathVista, evaluation/extract_answer.py, extract_answer: th
 "### Answer:" line) is read; an empty response extracts to ""; a multiple-choice response that is exactly an option,
 an integer answer int() accepts and a float answer float() accepts are taken without a request; every other
 response goes to the model with the official few-shot prompt (prompts/ext_ans.py) followed by the problem's query
-and the response, at temperature 0. Requests go through distill.py's client and retry code (distill.chat). Without
---gpt-confirm only the request count and the estimated cost are printed; nothing is sent. Extractions are kept in
+and the response, at temperature 0. Requests go through the client and retry code distillation uses
+(common/chat_api.py). Without --gpt-confirm only the request count and the estimated cost are printed; nothing is sent. Extractions are kept in
 the prediction rows ("extraction", "extractor"), so a later rescore neither resends nor pays again.
 """
 
@@ -13,6 +13,7 @@ import asyncio
 import os
 from types import SimpleNamespace
 
+from common import chat_api
 from data.prompts import LETTERS
 
 # the official few-shot extraction prompt (MathVista evaluation/prompts/ext_ans.py, pids 852, 104, 824, 506, 540)
@@ -98,7 +99,6 @@ def prompt(rec, response):
 def run(rows, records, args):
     """Fill row["extraction"] of MathVista rows (those extracted by args.gpt_extract already are skipped). Returns
     {} when done, None when it only showed the cost (no --gpt-confirm)."""
-    import distill
     model = args.gpt_extract
     todo, free = [], 0
     for row in rows:
@@ -113,7 +113,7 @@ def run(rows, records, args):
             free += 1
         else:
             todo.append((row, prompt(rec, row["output"])))
-    rates = distill.PRICES.get(model)
+    rates = chat_api.PRICES.get(model)
     tin, tout = sum(len(p) // 4 + 8 for _, p in todo), 8 * len(todo)
     est = f"${(tin * rates[0] + tout * rates[1]) / 1e6:.2f}" if rates else "unknown (no price for this model)"
     print(f"MathVista GPT extraction with {model}: {free} outputs need no request, {len(todo)} requests, "
@@ -133,20 +133,20 @@ def run(rows, records, args):
         from openai import AsyncOpenAI
         client = AsyncOpenAI(base_url=args.gpt_base_url, max_retries=0, timeout=opts.timeout)
         gate, failed = asyncio.Semaphore(16), []
-        # an unreachable server stops the run at once, as in distill.py (not ~46 s of retries per request)
-        health = distill.Health(distill.scrub(args.gpt_base_url or os.environ.get("OPENAI_BASE_URL")
-                                              or distill.DEFAULT_URL), 300.0)
+        # an unreachable server stops the run at once, as in distillation (not ~46 s of retries per request)
+        health = chat_api.Health(chat_api.scrub(args.gpt_base_url or os.environ.get("OPENAI_BASE_URL")
+                                              or chat_api.DEFAULT_URL), 300.0)
 
         async def one(row, text):
             async with gate:
                 try:
-                    out, _ = await distill.chat(client, [{"role": "user", "content": text}], opts, health)
+                    out, _ = await chat_api.chat(client, [{"role": "user", "content": text}], opts, health)
                     row["extraction"], row["extractor"] = out.strip(), model
-                except distill.RecordFailed as e:
+                except chat_api.RecordFailed as e:
                     failed.append(f"{row['id']}: {e}")
         try:
             await asyncio.gather(*(one(r, p) for r, p in todo))
-        except distill.Fatal as e:
+        except chat_api.Fatal as e:
             raise SystemExit(f"error: {e}") from None
         finally:
             await client.close()

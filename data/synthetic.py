@@ -25,6 +25,7 @@ import re
 
 from PIL import Image, ImageDraw, ImageFont
 
+from common.cli import ArgumentParser, cli, number
 from data.prompts import ANSWER_MARKER, LETTERS
 
 LEVELS = {
@@ -428,7 +429,6 @@ def generate(out, n, seed, level="easy", families=None, holdout="count_below", n
 
 
 def main():
-    from common import ArgumentParser, number
     ap = ArgumentParser(__doc__)
     ap.add_argument("--out", required=True, help="output directory (records + images)")
     ap.add_argument("--n", type=number(int, lo=1), required=True, help="number of training records")
@@ -445,5 +445,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from common import cli
     cli(main)

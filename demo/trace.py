@@ -24,7 +24,8 @@ sys.path.insert(0, ROOT)
 import distill  # noqa: E402
 import sample  # noqa: E402
 import train_dpo  # noqa: E402
-from common import ArgumentParser, Dist, UserError, cli  # noqa: E402
+from common.cli import ArgumentParser, UserError, cli  # noqa: E402
+from common.dist import Dist  # noqa: E402
 from data.answers import grade  # noqa: E402
 from data.collate import PairDataset, collate_pairs  # noqa: E402
 from data.prompts import model_prompt  # noqa: E402

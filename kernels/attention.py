@@ -27,12 +27,10 @@ except ImportError:                      # the reference still works; kernels.ba
     triton = None
 
 
-def attention_ref(q, k, v, causal=True, cu_seqlens=None, attn_mask=None):
+def attention_ref(q, k, v, causal=True, cu_seqlens=None, attn_mask=None, max_seqlen=None):
     """Plain-torch attention. Layouts as in kernels.attention: [B, T, H, D], or packed [N, H, D] with cu_seqlens."""
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        out = [attention_ref(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0] for a, b in zip(bounds, bounds[1:])]
-        return torch.cat(out, 0) if out else torch.empty_like(q)
+        return _packed_ref(q, k, v, causal, cu_seqlens, max_seqlen)
     hq, hkv = q.shape[2], k.shape[2]
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} key/value heads")
@@ -45,6 +43,32 @@ def attention_ref(q, k, v, causal=True, cu_seqlens=None, attn_mask=None):
             raise ValueError("attention: causal with different query and key lengths needs an explicit attn_mask")
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=hq != hkv)
     return o.transpose(1, 2)                                    # (B, T, Hq, D)
+
+
+def _packed_ref(q, k, v, causal, cu_seqlens, max_seqlen=None):
+    """Packed sequences through ONE SDPA call, with no host sync: each sequence is gathered into a row of a padded
+    (nseq, max_seqlen) batch (the slots past its end repeat its last token), attended with the causal mask, and
+    gathered back. Causal attention never lets a real query see the slots after it, so the padding needs no mask;
+    non-causal attention gets a key mask. All indexes are built on the device from cu_seqlens; only max_seqlen (a
+    host int the collate knows) sets the shape."""
+    cu = cu_seqlens.long()
+    nseq = cu.numel() - 1
+    if nseq == 0:
+        return torch.empty_like(q)
+    T = int(max_seqlen) if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())    # (a sync, when not given)
+    N = q.shape[0]
+    lengths = cu[1:] - cu[:-1]                                                      # (nseq,)
+    t = torch.arange(T, device=q.device)
+    src = cu[:-1, None] + torch.minimum(t[None, :], (lengths - 1).clamp(min=0)[:, None])   # (nseq, T) token index
+    src = src.clamp(max=max(N - 1, 0)).reshape(-1)
+    padded = [x.index_select(0, src).view(nseq, T, *x.shape[1:]) for x in (q, k, v)]  # (nseq, T, H, D)
+    mask = None
+    if not causal:
+        mask = (t[None, :] < lengths[:, None])[:, None, None, :]                   # (nseq, 1, 1, T): real keys
+    o = attention_ref(*padded, causal=causal, attn_mask=mask)                       # (nseq, T, Hq, D)
+    seq = torch.searchsorted(cu[1:], torch.arange(N, device=q.device), right=True)  # (N,) sequence of each token
+    slot = seq * T + torch.arange(N, device=q.device) - cu[:-1].index_select(0, seq)
+    return o.reshape(nseq * T, *o.shape[2:]).index_select(0, slot)                  # (N, Hq, D)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -97,13 +121,18 @@ def _geometry(q, k, cu_seqlens, max_seqlen):
     return varlen, nseq, T, H, Hkv, D
 
 
-def _key(kind, q, causal, varlen):
-    return (kind, q.shape[-1], bool(causal), str(q.dtype).replace("torch.", ""), bool(varlen))
+def _key(kind, q, causal, varlen, T):
+    """A tuning key: the op, head dim, causal, dtype, packed, and the length bucket (tiles that win at 1k tokens
+    need not win at 24k)."""
+    return (kind, q.shape[-1], bool(causal), str(q.dtype).replace("torch.", ""), bool(varlen), tuning.bucket(T))
 
 
 class TritonAttention(torch.autograd.Function):
+    """fallback: a shape-class key (kernels.attention under LLAVA_KERNELS=auto): a backward whose launch fails then
+    demotes the class to torch and takes its gradients from attention_ref instead of killing the run."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, cu_seqlens, max_seqlen):
+    def forward(ctx, q, k, v, causal, cu_seqlens, max_seqlen, fallback=None):
         q, k, v = (x.contiguous() for x in (q, k, v))             # the kernels share strides within q/o and k/v
         varlen, nseq, T, H, Hkv, D = _geometry(q, k, cu_seqlens, max_seqlen)
         o = torch.empty_like(q)
@@ -123,14 +152,30 @@ class TritonAttention(torch.autograd.Function):
                 CAUSAL=causal, VARLEN=varlen, PREC=prec, num_warps=warps, num_stages=stages)
 
         fp32 = q.dtype == torch.float32
-        run(tuning.pick(_key("attn_fwd", q, causal, varlen), configs("fwd", D, interpret, fp32=fp32), run,
+        run(tuning.pick(_key("attn_fwd", q, causal, varlen, T), configs("fwd", D, interpret, fp32=fp32), run,
                         tuning.tuning_enabled(q, T >= TUNE_MIN_T)))
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.meta = (causal, varlen, nseq, T, H, Hkv, D)
+        ctx.fallback, ctx.cu_seqlens, ctx.max_seqlen = fallback, cu_seqlens, max_seqlen
         return o
 
     @staticmethod
     def backward(ctx, do):
+        if ctx.fallback is None:
+            return TritonAttention._backward(ctx, do)
+        try:
+            return TritonAttention._backward(ctx, do)
+        except Exception as e:                                 # noqa: BLE001 - a failed compile or launch
+            tuning.demote(ctx.fallback, e, do.device)
+            q, k, v = ctx.saved_tensors[:3]
+            with torch.enable_grad():
+                q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+                o = attention_ref(q, k, v, ctx.meta[0], ctx.cu_seqlens, max_seqlen=ctx.max_seqlen)
+                dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+            return dq, dk, dv, None, None, None, None
+
+    @staticmethod
+    def _backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
         causal, varlen, nseq, T, H, Hkv, D = ctx.meta
         do = do.contiguous()
@@ -161,11 +206,11 @@ class TritonAttention(torch.autograd.Function):
                     BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2, num_stages=stages2, **kw)
 
         deterministic = torch.are_deterministic_algorithms_enabled()
-        key = _key("attn_bwd_det" if deterministic else "attn_bwd", q, causal, varlen)
+        key = _key("attn_bwd_det" if deterministic else "attn_bwd", q, causal, varlen, T)
         run(tuning.pick(key, configs("bwd", D, interpret, deterministic, q.dtype == torch.float32), run,
                         tuning.tuning_enabled(q, T >= TUNE_MIN_T)))
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def attention_triton(q, k, v, causal=True, cu_seqlens=None, max_seqlen=None):
-    return TritonAttention.apply(q, k, v, causal, cu_seqlens, max_seqlen)
+def attention_triton(q, k, v, causal=True, cu_seqlens=None, max_seqlen=None, fallback=None):
+    return TritonAttention.apply(q, k, v, causal, cu_seqlens, max_seqlen, fallback)

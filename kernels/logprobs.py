@@ -70,12 +70,12 @@ class ChunkedLogProbs(torch.autograd.Function):
         hf, g = h.float(), g.float()
         dh = torch.zeros_like(hf)
         dw = torch.empty_like(w)
-        rows = torch.arange(M, device=h.device)
         for c0 in range(0, V, C):
             wc = w[c0:c0 + C].float()
             dl = -torch.exp(hf @ wc.T - lse[:, None]) * g[:, None]                  # d logp / d logits = onehot - p
             hit = (y >= c0) & (y < c0 + wc.shape[0])
-            dl[rows[hit], y[hit] - c0] += g[hit]
+            # + g at each row's label inside this chunk: a scatter, not a boolean index (that would sync on a GPU)
+            dl.scatter_add_(1, (y - c0).clamp(0, wc.shape[0] - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
             dh += dl @ wc
             dw[c0:c0 + C] = (dl.T @ hf).to(w.dtype)
         return dh.to(h.dtype), dw, None
@@ -194,13 +194,17 @@ def _mm_fp32(a, b):
     return (a @ b).float()
 
 
-def _key(kind, h):
-    return (kind, str(h.dtype).replace("torch.", ""))
+def _key(kind, h, w):
+    """A tuning key: the op, dtype, hidden size and the row and vocabulary buckets."""
+    return (kind, str(h.dtype).replace("torch.", ""), h.shape[1], tuning.bucket(w.shape[0]), tuning.bucket(h.shape[0]))
 
 
 class TritonLogProbs(torch.autograd.Function):
+    """fallback: a shape-class key (kernels.token_logprobs under LLAVA_KERNELS=auto): a backward whose launch fails
+    then demotes the class to torch and takes its gradients from the chunked path instead of killing the run."""
+
     @staticmethod
-    def forward(ctx, h, w, y):
+    def forward(ctx, h, w, y, fallback=None):
         h, w = h.contiguous(), w.contiguous()
         M, d = h.shape
         V = w.shape[0]
@@ -218,17 +222,32 @@ class TritonLogProbs(torch.autograd.Function):
             return pm, ps, pt
 
         fp32 = h.dtype == torch.float32
-        cfg = tuning.pick(_key("logprobs_fwd", h), configs("fwd", not h.is_cuda, fp32), run,
+        cfg = tuning.pick(_key("logprobs_fwd", h, w), configs("fwd", not h.is_cuda, fp32), run,
                           tuning.tuning_enabled(h, M >= TUNE_MIN_ROWS))
         pm, ps, pt = run(cfg)
         m = pm.max(0).values
         lse2 = m + torch.log2((ps * torch.exp2(pm - m)).sum(0))
         lse = lse2 * 0.6931471805599453
         ctx.save_for_backward(h, w, y, lse2)
+        ctx.fallback = fallback
         return pt.sum(0) - lse
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.fallback is None:
+            return TritonLogProbs._backward(ctx, g)
+        try:
+            return TritonLogProbs._backward(ctx, g)
+        except Exception as e:                                 # noqa: BLE001 - a failed compile or launch
+            tuning.demote(ctx.fallback, e, g.device)
+            h, w, y, _ = ctx.saved_tensors
+            with torch.enable_grad():
+                h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+                dh, dw = torch.autograd.grad(ChunkedLogProbs.apply(h, w, y), (h, w), g)
+            return dh, dw, None, None
+
+    @staticmethod
+    def _backward(ctx, g):
         h, w, y, lse2 = ctx.saved_tensors
         M, d = h.shape
         V = w.shape[0]
@@ -245,7 +264,7 @@ class TritonLogProbs(torch.autograd.Function):
                 BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PREC=prec, num_warps=warps, num_stages=stages)
 
         fp32 = h.dtype == torch.float32
-        cfg = tuning.pick(_key("logprobs_dlogits", h), configs("dlogits", not h.is_cuda, fp32),
+        cfg = tuning.pick(_key("logprobs_dlogits", h, w), configs("dlogits", not h.is_cuda, fp32),
                           lambda cfg: dlogits(cfg, 0, min(C, V)), tuning.tuning_enabled(h, M >= TUNE_MIN_ROWS))
         dh = torch.zeros(M, d, device=h.device, dtype=torch.float32)
         dw = torch.empty_like(w)
@@ -255,4 +274,4 @@ class TritonLogProbs(torch.autograd.Function):
             dlc = dl[:, :n]
             dh += _mm_fp32(dlc, w[c0:c0 + n])     # summed over chunks in fp32, each chunk's product unrounded
             dw[c0:c0 + n] = dlc.T @ h            # one GEMM over all rows: fp32 accumulators, one rounding
-        return dh.to(h.dtype), dw, None
+        return dh.to(h.dtype), dw, None, None

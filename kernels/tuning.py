@@ -1,11 +1,15 @@
-"""Launch-time choices for the Triton kernels: pick a config by timing, and size grids from real occupancy.
+"""Launch-time choices for the Triton kernels: which path runs, which config, and grids sized from real occupancy.
 
+prefer()           LLAVA_KERNELS=auto on CUDA: the first call of every shape class (op, head dim, causal, dtype,
+                   packed, a length bucket, training or not) runs the Triton path and the torch path on the real
+                   tensors, forward and backward, and keeps Triton only where it compiled, ran and was at least as
+                   fast; a Triton launch that fails later demotes its class to torch (demote()). Cached like pick's.
 pick()             each op has a short list of configs (tile sizes, warps, stages, strategy). On CUDA the first
-                   large call of every key (op, head dim, causal, dtype, ...) times each config once on the real
-                   tensors and keeps the fastest: in-process, and in ~/.cache/llava-reasoner/kernel-tune.json
-                   (LLAVA_KERNELS_TUNE_CACHE) per GPU, Triton version and kernel source, so a later process (or
-                   every DDP rank) reuses it. Small calls, the CPU interpreter and LLAVA_KERNELS_TUNE=0 take the
-                   first config of the list without timing.
+                   large call of every key (op, head dim, causal, dtype, packed, length bucket) times each config
+                   once on the real tensors and keeps the fastest: in-process, and in
+                   ~/.cache/llava-reasoner/kernel-tune.json (LLAVA_KERNELS_TUNE_CACHE) per GPU, torch and Triton
+                   version and kernel source, so a later process (or every DDP rank) reuses it. Small calls, the CPU
+                   interpreter and LLAVA_KERNELS_TUNE=0 take the first config of the list without timing.
 resident_blocks()  how many blocks of a compiled kernel one SM holds at once (registers, shared memory, threads),
                    times the SM count: what a grid must fill in whole waves.
 """
@@ -14,6 +18,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -36,8 +41,13 @@ def _source_hash():
 
 def _disk_key(key, device):
     import triton
-    return "|".join(map(str, (torch.cuda.get_device_name(device), f"triton {triton.__version__}",
-                              f"kernels {_source_hash()}") + key))
+    return "|".join(map(str, (torch.cuda.get_device_name(device), f"torch {torch.__version__}",
+                              f"triton {triton.__version__}", f"kernels {_source_hash()}") + key))
+
+
+def bucket(n):
+    """A length class: the power of two at or above n, from 1,024 up (all shorter calls are one class)."""
+    return 1 << max(10, (max(int(n), 1) - 1).bit_length())
 
 
 def _load_disk():
@@ -67,17 +77,76 @@ def tuning_enabled(x, large):
 
 
 def _time_ms(fn, reps=3):
-    """Median of `reps` timed runs after one untimed one (which also compiles)."""
+    """Median of `reps` timed runs after one untimed one (which also compiles); CUDA events on CUDA, the wall clock
+    elsewhere (the tests)."""
     fn()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
     return sorted(times)[len(times) // 2]
+
+
+_paths = {}                     # in-process path choices: shape class -> "triton" | "torch"
+
+
+def _say(msg):
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[kernels] {msg}", file=sys.stderr, flush=True)
+
+
+def prefer(key, triton_run, torch_run, device=None, timer=None):
+    """"triton" or "torch" for the shape class `key`: from this process's choices, the disk cache, or by running
+    triton_run() and torch_run() (each the op on the real tensors, forward and backward; they must leave nothing
+    behind) and timing them. Triton wins only if it ran and was at least as fast; a Triton that raised is announced
+    loudly and its class goes to torch."""
+    if key in _paths:
+        return _paths[key]
+    entry = _disk_key(("path",) + key, device) if device is not None else None
+    cached = _load_disk().get(entry) if entry else None
+    if cached in ("triton", "torch"):
+        _paths[key] = cached
+        return cached
+    timer = timer or _time_ms
+    try:
+        t_triton = timer(triton_run)
+    except Exception as e:                      # noqa: BLE001 - a failed compile or launch of any kind
+        demote(key, e, device)
+        return "torch"
+    t_torch = timer(torch_run)
+    choice = "triton" if t_triton <= t_torch else "torch"
+    _paths[key] = choice
+    _say(f"{_name(key)}: triton {t_triton:.3f} ms, torch {t_torch:.3f} ms -> {choice}")
+    if entry:
+        _save_disk(entry, choice)
+    return choice
+
+
+def demote(key, error, device=None):
+    """Send a shape class to the torch path from now on, after its Triton launch failed (one loud line)."""
+    _paths[key] = "torch"
+    _say(f"WARNING: {_name(key)}: the Triton kernel failed on this GPU ({type(error).__name__}: "
+         f"{str(error).splitlines()[0][:160] if str(error) else ''}); using the torch path for this shape class")
+    if device is not None:
+        _save_disk(_disk_key(("path",) + key, device), "torch")
+
+
+def _name(key):
+    return " ".join(str(k) for k in key)
+
+
+def paths():
+    """{shape class: "triton" | "torch"} chosen so far in this process (bench/gpu_check.py prints them)."""
+    return dict(_paths)
 
 
 def pick(key, configs, run, tune):

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from common.cli import ArgumentParser, UserError, cli
+from common.manifest import check_model_dir
 from model.llava_next import LlavaNext
 from model.processor import IMAGE, Processor
 from model.weights import DTYPES, checkpoint_files, read_header
@@ -66,7 +68,6 @@ def probe_logits(model, processor):
 
 
 def main():
-    from common import ArgumentParser, UserError, check_model_dir
     ap = ArgumentParser(__doc__)
     ap.add_argument("src", help="input model directory (any supported layout)")
     ap.add_argument("dst", help="output directory (llava-hf layout); must be new or empty")
@@ -101,5 +102,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from common import cli
     cli(main)

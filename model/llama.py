@@ -1,7 +1,10 @@
 """Llama decoder (Llama-3; Mistral-7B without sliding window is the same network), as transformers' modeling_llama.py.
 
-Pre-norm blocks of grouped-query attention with rotary position embeddings and a SwiGLU MLP; RMSNorm and RoPE are
-computed in fp32 and cast back, as transformers does, so bf16 runs match it bit for bit where the matmuls do.
+Pre-norm blocks of grouped-query attention with rotary position embeddings and a SwiGLU MLP; RMSNorm and RoPE's
+angles are computed in fp32 and cast back, as transformers does, so bf16 runs match it bit for bit where the matmuls
+do. Under autocast (fp32 master weights, bf16 compute) the residual stream stays fp32 while q, k and v come out of
+the projections in bf16: RoPE's cos / sin are built in that compute dtype, so every attention call gets one dtype,
+the same as a bf16 model's (and an FSDP run's, whose gathered weights are bf16).
 """
 
 import math
@@ -48,6 +51,14 @@ def rope_cos_sin(inv_freq, position_ids, dtype):
     freqs = position_ids[..., None].float() * inv_freq.float()     # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)                          # (B, T, D) half-split ("NeoX") layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def compute_dtype(x):
+    """The dtype the projections of x produce: the autocast dtype when autocast is on for x's device, else x's."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def apply_rope(x, cos, sin):
@@ -143,7 +154,7 @@ class Llama(nn.Module):
         attention_mask (B, T) marks real tokens (None: all real, no mask is built). cu_seqlens: packed sequences in
         a (1, N, C) batch. cache: a KV cache (model/generation.py), which masks and attends by itself.
         """
-        cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, compute_dtype(x))
         attn_mask = None
         if cu_seqlens is None and cache is None and attention_mask is not None:
             attn_mask = causal_padding_mask(attention_mask, x.shape[1])

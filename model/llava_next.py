@@ -104,12 +104,16 @@ class LlavaNext(nn.Module):
             image_features = self.encode_images(pixel_values, image_sizes)
         if image_features and image_repeat > 1:
             image_features = list(image_features) * image_repeat
-        n_tokens = int(is_image.sum())
         n_feats = sum(f.shape[0] for f in image_features) if image_features else 0
-        if n_tokens != n_feats:
-            raise ValueError(f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but the "
-                             f"images give {n_feats} features; expand each <image> to "
-                             "Processor.num_image_tokens(H, W) tokens, in the order of the images")
+        how = "; expand each <image> to Processor.num_image_tokens(H, W) tokens, in the order of the images"
+        if input_ids.device.type == "cpu":
+            n_tokens = int(is_image.sum())
+            if n_tokens != n_feats:
+                raise ValueError(f"input_ids hold {n_tokens} image tokens (id {self.config.image_token_index}) but "
+                                 f"the images give {n_feats} features{how}")
+        elif input_ids.device.type == "cuda":                  # checked on the GPU: reading the count would sync
+            torch._assert_async(is_image.sum() == n_feats, f"input_ids hold a number of image tokens (id "
+                                f"{self.config.image_token_index}) other than the images' {n_feats} features{how}")
         if n_feats:
             feats = torch.cat(image_features).to(x.dtype)
             x = x.masked_scatter(is_image[..., None], feats)
@@ -118,11 +122,13 @@ class LlavaNext(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, position_ids=None,
                 cu_seqlens=None, max_seqlen=None, cache=None, image_features=None, inputs_embeds=None,
-                return_hidden=False, targets=None, keep_vision_in_graph=False, image_repeat=1):
+                return_hidden=False, targets=None, target_rows=None, keep_vision_in_graph=False, image_repeat=1):
         """input_ids (B, T) -> logits (B, T, V); or the final normed hidden states (B, T, C) with return_hidden; or,
         given targets (B, T) (the next token at each position, -100 where not trained), fp32 log p(target) per
         position (0 where ignored) through kernels.token_logprobs, so the [B, T, V] logits never exist. Training
-        calls this inside the (DDP / FSDP-wrapped) forward, where an FSDP-sharded head is whole.
+        calls this inside the (DDP / FSDP-wrapped) forward, where an FSDP-sharded head is whole. target_rows: the
+        flat indices (into B * T) of the trained positions, when the batch knows them (data/collate.py): then
+        nothing in the forward waits on the GPU.
 
         attention_mask (B, T) marks real tokens; positions follow it, so left- and right-padded batches give each
         sample what it gets alone. cu_seqlens packs several samples in one row. A KV cache (generation) brings its
@@ -153,7 +159,8 @@ class LlavaNext(nn.Module):
         w = self.output_weight
         autocast = h.device.type != "meta" and torch.is_autocast_enabled(h.device.type)     # (meta: shape runs)
         dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
-        lp = kernels.token_logprobs(h.reshape(B * T, -1).to(dtype), w.to(dtype), targets.reshape(-1))
+        lp = kernels.token_logprobs(h.reshape(B * T, -1).to(dtype), w.to(dtype), targets.reshape(-1),
+                                    rows=target_rows)
         return lp.view(B, T).clone()      # not a view: FSDP2 warns about views returned by a sharded module
 
     def set_grad_checkpointing(self, enabled=True):
@@ -284,7 +291,7 @@ def positions(B, T, attention_mask, cu_seqlens, device):
     """RoPE positions: restart per packed sequence; count only real tokens under a padding mask."""
     if cu_seqlens is not None:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=T)     # (no sync: T is known)
         return (torch.arange(T, device=device) - starts)[None]
     if attention_mask is not None:
         mask = attention_mask.long()

@@ -135,7 +135,8 @@ WORKER = """
 import atexit, sys
 import torch
 sys.path.insert(0, {root!r})
-from common import Dist, cli
+from common.cli import cli
+from common.dist import Dist
 
 def main():
     d = Dist()
@@ -170,7 +171,7 @@ def test_training_never_mixes_runs_and_resumes_what_latest_names(tiny, tmp_path)
     base = ["--model", model, "--data", sft, "--image-root", data, "--out", str(out), "--workers", "0",
             "--batch-size", "4", "--save-every", "2"]
     assert train_sft.main(base + ["--max-steps", "4"]) == 0
-    from common import UserError
+    from common.cli import UserError
     with pytest.raises(UserError, match="already holds this run's outputs: --resume continues it"):
         train_sft.main(base + ["--max-steps", "4"])
     with pytest.raises(UserError, match=r"flags\.lr: 5e-06 -> 0\.001.*--overwrite"):
@@ -190,7 +191,7 @@ def test_training_never_mixes_runs_and_resumes_what_latest_names(tiny, tmp_path)
     assert log.returncode == 0 and "checkpoint-000002 at step 2" in log.stdout, log.stdout + log.stderr
     assert "checkpoint-000009" not in log.stdout
     (out / "latest").write_text("checkpoint-000007\n")
-    with pytest.raises(SystemExit, match="checkpoint-000007"):
+    with pytest.raises(UserError, match="checkpoint-000007"):
         train_sft.main(base + ["--max-steps", "2", "--lr", "1e-3", "--resume"])
 
 
@@ -198,7 +199,7 @@ def test_sampling_never_empties_a_file_it_did_not_write(tiny, tmp_path):
     model, data, _ = tiny
     mine = tmp_path / "existing.jsonl"
     mine.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(389)))
-    from common import UserError
+    from common.cli import UserError
     with pytest.raises(UserError, match="not written by this stage"):
         sample.main(["--model", model, "--data", os.path.join(data, "test.jsonl"), "--image-root", data,
                      "--out", str(mine), "--num-samples", "2", "--max-new-tokens", "4"])
@@ -248,7 +249,7 @@ def test_evaluation_never_reports_another_models_answers(tiny, tmp_path):
     """The first round's bug: evaluate.py --model OTHER into a folder holding an earlier model's predictions said
     "20 already done" and reported them. The folder's manifest names the model's files: another model is refused."""
     import shutil
-    from common import UserError
+    from common.cli import UserError
     model, data, _ = tiny
     other = tmp_path / "other"
     shutil.copytree(model, other)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import distill
-from common import UserError
+from common.cli import UserError
 from conftest import ROOT, random_image
 from fake_openai import FakeOpenAI, Reply, question_of
 
@@ -186,9 +186,9 @@ def test_bad_lines_fail_before_any_request(tmp_path):
     missing.write_text(lines[0] + "\n" + json.dumps({"id": "x", "image": None, "question": "q", "dataset": "chartqa"})
                        + "\n")
     with FakeOpenAI(right) as server:
-        with pytest.raises(SystemExit, match=r"broken\.jsonl:2: not valid JSON"):
+        with pytest.raises(UserError, match=r"broken\.jsonl:2: not valid JSON"):
             run(tmp_path, server, records=broken)
-        with pytest.raises(SystemExit, match=r"missing\.jsonl:2: missing field 'answers'"):
+        with pytest.raises(UserError, match=r"missing\.jsonl:2: missing field 'answers'"):
             run(tmp_path, server, records=missing)
     assert server.requests == []
 

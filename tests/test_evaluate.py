@@ -8,6 +8,7 @@ import pytest
 import evaluate
 from conftest import build_tiny_model_dir
 from data import convert
+from data.formats import FormatError
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_unknown_dataset_is_an_error_listing_the_known(tiny, tmp_path):
     path = tmp_path / "recs.jsonl"
     path.write_text(json.dumps({"id": "1", "image": None, "question": "q", "answers": ["a"], "choices": None,
                                 "dataset": "vqav2"}) + "\n")
-    with pytest.raises(SystemExit, match=r"'dataset' is 'vqav2', not one of .*'chartqa'"):
+    with pytest.raises(FormatError, match=r"'dataset' is 'vqav2', not one of .*'chartqa'"):
         run(tiny, tmp_path / "e", data=[str(path)])
 
 

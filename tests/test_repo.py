@@ -48,7 +48,8 @@ def test_matplotlib_is_an_optional_extra_that_make_demo_installs(tmp_path, monke
     demo = re.search(r"^demo:(.*)$", make, re.M).group(1)
     stamp = next(t for t in demo.split() if "plot" in t)
     assert re.search(rf"^{re.escape(stamp)}:.*\n(?:\t.*\n)*\t.*requirements-plot\.txt", make, re.M)
-    from common import Dist, Metrics
+    from common.dist import Dist
+    from common.metrics import Metrics
     monkeypatch.setitem(sys.modules, "matplotlib", None)           # as if not installed
     m = Metrics(str(tmp_path / "metrics.jsonl"), Dist())
     m.log({"step": 1, "loss": 1.0})

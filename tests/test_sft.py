@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from checkpoint import checkpoints, incomplete, write_checkpoint
+from training.checkpoint import checkpoints, incomplete, write_checkpoint
 from conftest import ROOT, assert_close, build_tiny_model_dir
 from model import LlavaNext, Processor
 
@@ -120,7 +120,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tiny, tmp_path, monk
             f.write(b"\0" * 100)
         raise Boom()
 
-    from common import Dist
+    from common.dist import Dist
     with pytest.raises(Boom):
         write_checkpoint(str(out), 3, half_written, Dist())
     assert checkpoints(str(out)) == before

@@ -22,7 +22,8 @@ from contextlib import nullcontext
 
 import torch
 
-from common import UserError, claim, progress
+from common.cli import UserError, progress
+from common.manifest import claim
 from model import LlavaNext
 from model.weights import load_state_dict
 
@@ -121,14 +122,14 @@ def latest(out):
     pointer = os.path.join(out, "latest")
     if not os.path.exists(pointer):
         if checkpoints(out):
-            raise SystemExit(f"error: {out} holds checkpoint directories but no 'latest' file naming the one to "
-                             "resume from; write its name into OUT/latest, or start in a new --out")
+            raise UserError(f"{out} holds checkpoint directories but no 'latest' file naming the one to resume "
+                            "from; write its name into OUT/latest, or start in a new --out")
         return None
     path = os.path.join(out, open(pointer).read().strip())
     missing = incomplete(path)
     if missing:
-        raise SystemExit(f"error: {pointer} names {path}, which lacks {', '.join(missing)} (not a checkpoint of "
-                         "this version, or damaged); point OUT/latest at another checkpoint or start anew")
+        raise UserError(f"{pointer} names {path}, which lacks {', '.join(missing)} (not a checkpoint of this "
+                        "version, or damaged); point OUT/latest at another checkpoint or start anew")
     return path
 
 
@@ -139,14 +140,45 @@ def incomplete(path):
 
 
 RUN_FILES = ("latest", "final", "metrics.jsonl", "lengths.json", "loss.png", "rewards.png", "reference_logps.pt",
-             "token_rewards.html")
+             "token_rewards.html", "token_rewards.json")
+
+
+def check_shared(out, d):
+    """Every process must see the same --out: rank 0 writes a probe there and every rank reads it back. On several
+    nodes an --out that is not on a shared file system (each node its own disk) would leave each node's shards where
+    the others cannot load them; it is refused here, before anything else is written, on every rank at once."""
+    if not d.distributed:
+        return
+    probe = os.path.join(out, ".shared-probe")
+    token = f"{os.uname().nodename}:{os.getpid()}:{random.random()}"
+    if d.main:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write(token)
+    token = d.gather_objects(token)[0]                      # rank 0's
+    try:
+        with open(probe) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    blind = d.gather_objects(None if seen else (d.rank, os.uname().nodename))
+    d.barrier()
+    if d.main:
+        os.remove(probe)
+    blind = [b for b in blind if b is not None]
+    if blind:
+        who = ", ".join(f"rank {r} on {host}" for r, host in blind[:4]) + (" ..." if len(blind) > 4 else "")
+        raise UserError(f"--out {out} is not the same directory on every node ({who} cannot see what rank 0 wrote "
+                        "there): --out must be on a shared file system that every node mounts at the same path")
 
 
 def claim_run(args, d, fields):
     """Take --out for a training run (OUT/manifest.json records what the run depends on). Returns the checkpoint to
     resume from, or None. The same run continues only with --resume; another run's outputs are refused unless
-    --overwrite, which deletes what training runs wrote there (checkpoints, logs), nothing else."""
-    names = os.listdir(args.out)
+    --overwrite, which deletes what training runs wrote there (checkpoints, logs), nothing else. Every check (the
+    shared file system, the manifest, the checkpoint to resume) runs on every rank before rank 0 writes."""
+    check_shared(args.out, d)
+    names = os.listdir(args.out) if os.path.isdir(args.out) else []
     created = [os.path.join(args.out, n) for n in names if n in RUN_FILES or n.startswith(
         ("checkpoint-", ".tmp-checkpoint-", ".trash-checkpoint-"))]
     manifest = os.path.join(args.out, "manifest.json")
@@ -154,11 +186,12 @@ def claim_run(args, d, fields):
     if has_run and not args.resume:
         raise UserError(f"{args.out} already holds this run's outputs: --resume continues it, --overwrite starts it "
                         "over, or choose a new --out")
+    resume = latest(args.out) if args.resume and has_run else None
     d.barrier()
     if d.main:                                                                   # ... one acts
+        os.makedirs(args.out, exist_ok=True)
         claim(manifest, fields, created, args.overwrite)
     d.barrier()
-    resume = latest(args.out) if args.resume and has_run else None
     if args.resume and resume is None and d.main:
         print(f"--resume: no checkpoint in {args.out} yet, starting from --model")
     return resume
@@ -260,7 +293,7 @@ def save(args, d, model, wrapped, optimizer, processor, step, save_dtype, final=
                                         for g in optimizer.param_groups]}, f, indent=1)
 
     path = write_checkpoint(args.out, step, write, d, args.keep_checkpoints)
-    progress["then"] = f"rerun with --resume to continue from {os.path.basename(path)}"
+    progress["then"] = f"rerun with --resume to continue from {os.path.basename(path)}"      # (before it is said)
     if d.main:
         print(f"saved {path}" + (" (with Hugging Face weights)" if hf else ""), flush=True)
     return path
