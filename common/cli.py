@@ -88,6 +88,13 @@ def _rank0():
     return int(os.environ.get("RANK", 0)) == 0
 
 
+def _close_bars():
+    """Close the progress bars first, so that a closing message is the output's last line."""
+    from tqdm import tqdm                   # (here: tqdm's registry of open bars is only needed on the way out)
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def _abort_process_group(seconds=10):
     """Tear the process group down without waiting on peers that may be stuck in a collective: the destroy runs in a
     daemon thread and is given `seconds`; the process leaves either way."""
@@ -108,15 +115,14 @@ def cli(main):
     except KeyboardInterrupt:
         if debug:
             raise
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", [])):       # the bars first, so that the message ends the output
-            bar.close()
+        _close_bars()
         if _rank0():
             where = f" at {progress['at']}" if progress["at"] else ""
             then = f"; {progress['then']}" if progress["then"] else ""
             print(f"\ninterrupted{where}{then}", file=sys.stderr, flush=True)
         code = 130
     except Stop as e:
+        _close_bars()
         if _rank0():
             print(str(e), file=sys.stderr, flush=True)
         code = e.code

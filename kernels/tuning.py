@@ -111,7 +111,7 @@ def prefer(key, triton_run, torch_run, device=None, timer=None):
     loudly and its class goes to torch."""
     if key in _paths:
         return _paths[key]
-    entry = _disk_key(("path",) + key, device) if device is not None else None
+    entry = _disk_key(("path",) + key, device) if _on_cuda(device) else None
     cached = _load_disk().get(entry) if entry else None
     if cached in ("triton", "torch"):
         _paths[key] = cached
@@ -136,8 +136,12 @@ def demote(key, error, device=None):
     _paths[key] = "torch"
     _say(f"WARNING: {_name(key)}: the Triton kernel failed on this GPU ({type(error).__name__}: "
          f"{str(error).splitlines()[0][:160] if str(error) else ''}); using the torch path for this shape class")
-    if device is not None:
+    if _on_cuda(device):
         _save_disk(_disk_key(("path",) + key, device), "torch")
+
+
+def _on_cuda(device):
+    return device is not None and torch.device(device).type == "cuda"
 
 
 def _name(key):

@@ -439,3 +439,31 @@ def test_every_file_a_run_writes_is_0644(setup, tmp_path):
     assert {".safetensors", ".json", ".jsonl", ".html", ".pt", ".distcp"} <= kinds, kinds
     wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if os.path.isdir(out / p) else 0o644)}
     assert not wrong, wrong
+
+
+def test_the_released_pairs_train_as_released(setup, tmp_path):
+    """The authors' dpo_data rows: no "id", an "idx" that a question's pairs share, extra fields of their own. They
+    load as released; each pair is known by its file and line (in the reference cache and the audit too), and the
+    run equals the same pairs with unique ids."""
+    ours = [json.loads(line) for line in open(setup["pairs"])][:16]
+    released = []
+    for k, p in enumerate(ours):
+        row = {"idx": k // 3, "question": p["question"], "chosen": p["chosen"], "rejected": p["rejected"],
+               "image": p["image"], "origin_dataset": "synthetic", "orig_idx": k // 3, "ds_name": "synthetic"}
+        released.append(row)
+    released[5].pop("idx")                                     # an id is optional, not only shared
+    path = tmp_path / "chartqa.pairwise.train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in released))
+    unique = tmp_path / "unique.jsonl"
+    unique.write_text("".join(json.dumps(dict(p, id=f"q{k}")) + "\n" for k, p in enumerate(ours)))
+
+    def args(pairs, out, *extra):
+        a = dpo_args(setup, out, "--max-steps", "2", "--precompute-ref", *extra)
+        a[a.index("--pairs") + 1] = str(pairs)
+        return a
+    assert train_dpo.main(args(path, tmp_path / "released", "--audit-pairs", "4")) == 0
+    assert train_dpo.main(args(unique, tmp_path / "unique")) == 0
+    assert [r["loss"] for r in rows(tmp_path / "released")] == [r["loss"] for r in rows(tmp_path / "unique")]
+    table = torch.load(tmp_path / "released" / "reference_logps.pt", weights_only=True)["table"]
+    assert sorted(table) == sorted(f"{path}:{n}" for n in range(1, 17))       # 16 pairs, 6 ids: keyed by line
+    assert f"{path.name}:1" in open(tmp_path / "released" / "token_rewards.html").read()

@@ -242,3 +242,47 @@ def test_rerank_scores_a_response_exactly_as_dpo_training_does(tiny):
         to, lp = train_dpo.forward_logps(model, batch, SimpleNamespace(device=torch.device("cpu")))
     theirs = per_sequence(lp, to)[2:].tolist()                 # rows: the 2 chosen, then the 2 rejected
     assert ours == pytest.approx(theirs, abs=1e-5), (ours, theirs)
+
+
+def test_benchmarks_in_their_own_image_roots_give_one_table(tiny, tmp_path):
+    """--data A B C --image-root RA RB RC: each file's images under its own root, one results table with every
+    benchmark and the paper's Table 3 row averaging those present; under torchrun the same table. One root for all
+    files works too; a root count that is neither 1 nor the file count is refused before anything is written."""
+    import shutil
+    from test_sft import torchrun
+    model, root, _ = tiny
+    recs = [json.loads(line) for line in open(os.path.join(root, "test.jsonl"))][:9]
+    files, roots = [], []
+    for k, name in enumerate(("chartqa", "docvqa", "textvqa")):
+        img_root = tmp_path / f"{name}_images"
+        part = [dict(r, id=f"{name}-{i}", dataset=name, image=f"{name}/{i}.png", choices=None)
+                for i, r in enumerate(recs[3 * k:3 * k + 3])]
+        for r, src in zip(part, recs[3 * k:3 * k + 3]):
+            os.makedirs(img_root / name, exist_ok=True)
+            shutil.copy(os.path.join(root, src["image"]), img_root / r["image"])
+        path = tmp_path / f"{name}_test.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        files.append(str(path))
+        roots.append(str(img_root))
+    argv = ["--model", model, "--data", *files, "--mode", "both", "--max-new-tokens", "12",
+            "--max-new-tokens-direct", "4", "--workers", "0"]
+    assert evaluate.main(argv + ["--image-root", *roots, "--out", str(tmp_path / "one")]) == 0
+    rows = preds(tmp_path / "one")
+    assert len(rows) == 18 and not any(r.get("error") for r in rows)
+    md = (tmp_path / "one" / "results.md").read_text()
+    for name in ("chartqa", "docvqa", "textvqa"):
+        assert f"| {name} |" in md
+    assert "| mode | A-OK | Chart | Doc | Info | Text | AI2D | SQA | MathV | Avg |" in md
+    paper = json.load(open(tmp_path / "one" / "results.json"))["paper_table"]
+    assert paper["cot"]["Avg of"] == 3 and set(paper["cot"]) >= {"Chart", "Doc", "Text"}
+    torchrun(argv + ["--image-root", *roots, "--out", str(tmp_path / "two")], n=2, script="evaluate.py")
+    assert (tmp_path / "two" / "results.md").read_text() == md
+    # one root for all: the images must then be where each record's path says, under it
+    common = tmp_path / "all"
+    for r in roots:
+        shutil.copytree(r, common, dirs_exist_ok=True)
+    assert evaluate.main(argv + ["--image-root", str(common), "--out", str(tmp_path / "shared")]) == 0
+    assert (tmp_path / "shared" / "results.md").read_text() == md
+    with pytest.raises(SystemExit):
+        evaluate.main(argv + ["--image-root", *roots[:2], "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

@@ -324,3 +324,136 @@ def test_model_runs_on_the_triton_kernels(monkeypatch):
                         model.language_model.layers[1].self_attn.k_proj.weight.grad.clone())
     for a, b in zip(out["triton"], out["ref"]):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ one dtype per call
+
+def tiny_model_and_batch():
+    """A random tiny LLaVA-NeXT (fp32 weights) and a right-padded batch: text only, one image, two images."""
+    from conftest import PINPOINTS, hf_config_dict, mixed_batch
+    from model import ImageProcessor, LlavaNext, LlavaNextConfig
+    from model.anyres import num_image_tokens
+    model = LlavaNext.from_config(LlavaNextConfig.from_dict(hf_config_dict("llama")))
+    cfg = model.config
+
+    def n_tokens(h, w):
+        return num_image_tokens((h, w), cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.grid)
+    ids, mask, images = mixed_batch(n_tokens, cfg.image_token_index, cfg.text.vocab_size)
+    pv, sizes = ImageProcessor(PINPOINTS, crop_size=42)(images)
+    return model, ids, mask, pv, sizes
+
+
+def test_attention_gets_one_dtype_under_cpu_autocast_with_fp32_weights(monkeypatch):
+    """Training keeps fp32 weights under bf16 autocast: q, k and v must reach kernels.attention in one dtype, the
+    compute dtype, in both towers, padded and packed (a CUDA Triton backward rejects bf16 x fp32 operands)."""
+    monkeypatch.setenv("LLAVA_KERNELS", "ref")
+    model, ids, mask, pv, sizes = tiny_model_and_batch()
+    seen, real = [], kernels.attention
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, **kw)
+    monkeypatch.setattr(kernels, "attention", spy)
+    targets = torch.where(mask.bool(), ids.roll(-1, 1), -100)
+    n = int(mask[2].sum())
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = model(ids, pv, sizes, mask, targets=targets)                                  # padded, both towers
+        lp = lp.sum() + model(ids[2:, :n].reshape(1, -1), pv[1:], sizes[1:], cu_seqlens=cu, max_seqlen=n,
+                              targets=targets[2:, :n].reshape(1, -1)).sum()                  # packed
+    lp.backward()
+    assert len(seen) == 2 * (model.config.text.num_hidden_layers + 2), seen      # 2 CLIP layers run, 2 blocks
+    assert set(seen) == {(torch.bfloat16,) * 3}, seen
+
+
+def test_attention_never_mixes_dtypes(monkeypatch):
+    """Under autocast kernels.attention casts to the autocast dtype (as SDPA gets from autocast); without it mixed
+    dtypes are an error, not a silent promotion."""
+    monkeypatch.setenv("LLAVA_KERNELS", "ref")
+    q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
+    v = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    got = []
+    monkeypatch.setattr(kernels, "attention_ref", lambda q, k, v, **kw: got.append((q.dtype, k.dtype, v.dtype)) or v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.attention(q, k, v)
+    assert got == [(torch.bfloat16,) * 3]
+    with pytest.raises(ValueError, match="mixed dtypes"):
+        kernels.attention(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------------ timed dispatch
+
+def test_auto_keeps_triton_only_where_it_ran_and_was_as_fast(monkeypatch, capsys):
+    """LLAVA_KERNELS=auto on CUDA: per shape class, Triton wins only when it ran and was at least as fast; a
+    Triton that raised sends its class to torch with one loud line; each class is decided once."""
+    monkeypatch.setattr(tuning, "_paths", {})
+    ms = {"fast": 1.0, "slow": 3.0}
+
+    def timer(fn):
+        return ms[fn()]
+
+    assert tuning.prefer(("attention", 128, True, "bfloat16", False, 4096, "train"), lambda: "fast", lambda: "slow",
+                         timer=timer) == "triton"
+    assert tuning.prefer(("attention", 128, True, "bfloat16", False, 8192, "train"), lambda: "slow", lambda: "fast",
+                         timer=timer) == "torch"
+    calls = []
+    assert tuning.prefer(("attention", 128, True, "bfloat16", False, 8192, "train"), lambda: calls.append(1),
+                         lambda: calls.append(1), timer=timer) == "torch"
+    assert calls == []                                         # decided once per class
+    assert tuning.prefer(("attention", 64, False, "bfloat16", False, 1024, "infer"), lambda: 1 / 0, lambda: "fast",
+                         timer=timer) == "torch"
+    err = capsys.readouterr().err
+    assert "-> triton" in err and "-> torch" in err
+    assert "WARNING: attention 64 False bfloat16 False 1024 infer: the Triton kernel failed" in err
+    assert set(tuning.paths().values()) == {"triton", "torch"}
+
+
+def test_a_failing_triton_launch_falls_back_to_torch_and_the_run_goes_on(monkeypatch, capsys):
+    """A Triton forward or backward that raises under auto: torch's result instead, the class demoted, one loud line."""
+    monkeypatch.setattr(tuning, "_paths", {})
+    monkeypatch.setattr(kernels, "mode", lambda: "auto")
+    monkeypatch.setattr(kernels, "backend", lambda x: "triton")       # as on CUDA
+    monkeypatch.setattr(kernels, "_timed", lambda *a, **kw: "triton")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, h, 16, generator=g) for h in (4, 2, 2))
+    want = run_attention(A.attention_ref, q, k, v, torch.ones_like(q))
+
+    def broken(*a, **kw):
+        raise RuntimeError("out of resource: shared memory")
+    monkeypatch.setattr(kernels, "attention_triton", broken)          # the forward launch fails
+    got = run_attention(kernels.attention, q, k, v, torch.ones_like(q))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert "WARNING: attention 16 True float32 False 1024 train: the Triton kernel failed" in capsys.readouterr().err
+    assert tuning.paths()[("attention", 16, True, "float32", False, 1024, "train")] == "torch"
+
+    # the forward runs (the interpreter's real kernel), the backward launch fails: torch's gradients instead
+    monkeypatch.setattr(kernels, "attention_triton", attention_triton)
+    monkeypatch.setattr(A.TritonAttention, "_backward", staticmethod(broken))
+    got = run_attention(kernels.attention, q, k, v, torch.ones_like(q))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_tuned_configs_are_kept_per_length_bucket():
+    """A tile config picked at 1k tokens is not reused at 24k: the tuning key carries the length bucket."""
+    q = torch.zeros(1, 8, 4, 64)
+    assert A._key("attn_fwd", q, True, False, 1000) != A._key("attn_fwd", q, True, False, 24000)
+    assert [tuning.bucket(n) for n in (1, 1024, 1025, 24000)] == [1024, 1024, 2048, 32768]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_torch_path_is_one_call_without_a_host_sync(causal):
+    """The packed SDPA path equals attention per sequence, and runs on the meta device (any read of a value from
+    the device, a .tolist() or .item(), would fail there: on a GPU it would be a sync in every layer)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 17, 9]
+    N = sum(lengths)
+    q, k, v = (torch.randn(N, h, 16, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    got = A.attention_ref(q, k, v, causal, cu_seqlens=cu, max_seqlen=max(lengths))
+    want = torch.cat([A.attention_ref(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
+                      for a, b in zip(cu.tolist(), cu.tolist()[1:])])
+    torch.testing.assert_close(got, want)
+    meta = [x.to("meta") for x in (q, k, v, cu)]
+    assert A.attention_ref(*meta[:3], causal, cu_seqlens=meta[3], max_seqlen=max(lengths)).shape == q.shape
