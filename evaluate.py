@@ -21,7 +21,7 @@ are read after the last "### Answer:" (a missing marker is a format failure, cou
 scored), then scored by the benchmark's official scorer (data/scorers.py). Out: OUT/predictions.jsonl (one row
 per record and mode, in record order: prompt, raw output, extracted answer, score) and OUT/results.{md,json}
 (dataset x mode, and the plain average over datasets; then the paper's Table 3 layout, its "Avg" over its 8
-benchmarks). Under torchrun each process answers every world-th record and appends to
+benchmarks). Under torchrun each process answers every world-th record (--rerank: batch) and appends to
 OUT/predictions.rank{R}.jsonl; rank 0 merges them into predictions.jsonl at the end. A rerun (any number of
 processes) skips the (record, mode) pairs already in the predictions file or a part file left by a killed run.
 """
@@ -452,9 +452,10 @@ def rerank_table(rows):
 MODES = ("direct", "cot") + RERANK
 
 
-def rank_share(todo, what, d):
-    """This process's share of the records left: every world-th one, from its rank on."""
-    share = todo[d.rank::d.world]
+def rank_share(todo, what, d, batch=1):
+    """This process's share of the records left: every world-th slice of `batch` of them, from its rank on (--rerank
+    deals whole batches, so that a question is sampled beside the same questions for any number of processes)."""
+    share = [r for b in range(d.rank * batch, len(todo), d.world * batch) for r in todo[b:b + batch]]
     if d.distributed:
         print(f"[rank {d.rank}/{d.world}] {what}: {len(share)} of {len(todo)} records left", flush=True)
     return share
@@ -572,7 +573,7 @@ def main(argv=None):
     if args.rerank:
         todo = [r for r in records if (r["id"], "cot best-of-n") not in done]
         print0(f"{len(records)} records, {len(records) - len(todo)} already reranked")
-        run_rerank(model, proc, rank_share(todo, "rerank", d), args, writer, dtype, d.device, d.main)
+        run_rerank(model, proc, rank_share(todo, "rerank", d, args.batch_size), args, writer, dtype, d.device, d.main)
     else:
         for mode in modes:
             todo = [r for r in records if (r["id"], mode) not in done]

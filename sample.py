@@ -14,10 +14,11 @@ PAIRS.questions.jsonl (one line per question: accuracy, kept or why not; for the
 samples reach the right answer through a wrong step). On the synthetic task, whose records carry the chart's data,
 --grade steps counts a sample correct only when its answer and every step of its rationale are right; its pairs
 carry the record's meta either way (train_dpo.py's token-reward page finds each rejected chain's first error).
-Each process samples every world-th question into its own part files (PAIRS.rank<r>.jsonl ...); rank 0 merges all
-parts in question order at the end. Resumable: a rerun of the same command (any number of processes) skips the
-questions already logged; PAIRS.manifest.json records the model, data and flags, and a run with other ones is refused
-(--overwrite, or a new --out); a file sampling did not write is never touched.
+Each process samples every world-th batch of --batch-size questions into its own part files (PAIRS.rank<r>.jsonl
+...); rank 0 merges all parts in question order at the end: the same files, byte for byte, for any number of
+processes. Resumable: a rerun of the same command (any number of processes) skips the questions already logged;
+PAIRS.manifest.json records the model, data and flags, and a run with other ones is refused (--overwrite, or a new
+--out); a file sampling did not write is never touched.
 """
 
 import json
@@ -158,22 +159,23 @@ def main(argv=None):
         "<pad>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>")) if i is not None}
 
     # ---------------------------------------------------------------- sample
-    # every question samples from its own seeded stream, so its samples do not depend on the batch or the number of
-    # processes; batches are still fixed slices of this rank's questions, done or not, and a resumed run regenerates
-    # a half-done batch whole (writing only its new questions), so even bf16's batch-shape rounding stays the same
+    # every question samples from its own seeded stream, and batches are fixed slices of all the questions, done or
+    # not, dealt to the processes in turn: a question shares its generate call with the same questions (the same
+    # left padding, the same shapes) whatever the number of processes, and a resumed run regenerates a half-done
+    # batch whole (writing only its new questions), so even the rounding that depends on the batch stays the same
     n = args.num_samples
-    mine = [r for i, r in enumerate(records) if i % d.world == d.rank]
+    batches = [records[b:b + args.batch_size] for b in range(0, len(records), args.batch_size)][d.rank::d.world]
+    mine = [r for batch in batches for r in batch]
     todo = sum(str(r["id"]) not in done for r in mine)
     print0(f"{len(records)} questions ({len(done)} done before), {d.world} process(es); this rank: {todo} to sample "
            f"({n} CoT samples each at T={args.temperature})")
     stats = {"kept": 0, "too easy": 0, "too hard": 0, "pairs": 0, "bad image": 0, "dropped samples": 0}
     bar = tqdm(total=todo, desc="sample", unit="q", disable=not d.main, dynamic_ncols=True)
     progress["then"] = "rerun the same command to continue (finished questions are kept)"
-    for b in range(0, len(mine), args.batch_size):
-        batch = mine[b:b + args.batch_size]
+    for b, batch in enumerate(batches):
         if all(str(r["id"]) in done for r in batch):
             continue
-        progress["at"] = f"question {b + 1} of {len(mine)} on rank {d.rank}"
+        progress["at"] = f"batch {b + 1} of {len(batches)} on rank {d.rank}"
         chunk, images = [], []
         for rec in batch:
             img = None

@@ -141,8 +141,8 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
 
     temperature 0 is greedy; otherwise temperature, then top_k (0 = off), then top_p (1 = off). seed makes sampling
     reproducible: an int seeds one stream for the batch; a list of B ints gives every prompt its own stream, so a
-    prompt's samples do not depend on which prompts share its batch (exactly so in fp32). eos_token_id: an id or a
-    list (default: the model's generation eos ids).
+    prompt's samples do not depend on which prompts share its batch (up to the rounding that the batch's padding and
+    shapes bring). eos_token_id: an id or a list (default: the model's generation eos ids).
     """
     cfg = model.config.text
     B, S = input_ids.shape
