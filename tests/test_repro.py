@@ -57,7 +57,7 @@ def test_a_question_is_sampled_in_the_same_batch_for_any_number_of_processes(tmp
     for world in (1, 2, 3):
         calls.clear()
         for rank in range(world):
-            monkeypatch.setattr(sample, "Dist", lambda: FakeDist(rank, world))
+            monkeypatch.setattr(sample, "Dist", lambda timeout_minutes=60: FakeDist(rank, world))
             assert sample.main(sample_argv(data, tmp_path / f"w{world}r{rank}" / "pairs.jsonl")) == 0
         runs[world] = sorted(calls)
     assert [len(s) for s, _ in runs[1]] == [4, 4, 4, 2] or sorted(len(s) for s, _ in runs[1]) == [2, 4, 4, 4]
