@@ -1,13 +1,16 @@
 """The one-shot GPU check: kernel correctness at real shapes, the benchmarks, and a table of every goal.
 
-    python bench/gpu_check.py [--quick] [--only NAME,...] [--budget SECONDS]   # bench/gpu_check.sh makes the venv
+    python bench/gpu_check.py [--quick] [--only NAME,...] [--skip NAME,...] [--budget SECONDS]   # via gpu_check.sh
     python bench/gpu_check.py --dry [--in-process]       # the same code on the CPU: Triton interpreter, toy shapes
     python bench/gpu_check.py --list
 
 Each stage runs in its own process under its own timeout (a hung kernel or a CUDA fault ends that stage only),
-prints as it goes, and reports rows (goal, measured figure, verdict). Stages that do not fit in what is left of
-the budget are skipped and say so. The closing table lists every row; the exit code is 0 when every goal passed,
-1 on a wrong result, a crash or a timeout, 2 when every result is right but a speed or memory goal was missed.
+prints as it goes, and reports rows (goal, measured figure, verdict). Before it starts, its modules are imported in a
+child: a stage that cannot import them FAILS, as does one the budget leaves no time for; only --skip NAME skips a
+stage. The stage timeouts add up to the budget (8 minutes with the set-up), so a full run checks everything. The
+closing table lists every row, then the path LLAVA_KERNELS=auto chose per shape class and the tuner's configs; the
+exit code is 0 when every goal passed, 1 on a wrong result, a crash, a timeout or an unplanned skip, 2 when every
+result is right but a speed or memory goal was missed.
 Correctness follows FlashAttention's rule: our error against an fp32 oracle at most 2x (forward) / 3x (backward)
 the error of torch's own same-precision computation (SDPA-flash, the naive log-prob path) against it.
 
@@ -19,7 +22,7 @@ check=function(returncode, output tail) -> [Row]).
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -48,7 +51,7 @@ class Stage:
     run: object               # function(ctx) -> [Row], or an argv list
     timeout: int              # seconds, cold (Triton compilation included)
     quick: bool = True        # part of --quick
-    needs: tuple = ()         # modules it imports; missing ones skip the stage
+    needs: tuple = ()         # the modules it imports (project and third-party): imported in a child before it runs
     check: object = None      # for commands: function(returncode, output tail) -> [Row]
     dry: bool = True          # runs under --dry (commands never do)
 
@@ -230,6 +233,140 @@ def stage_logprobs_correct(ctx):
     return rows
 
 
+def stage_dispatch(ctx):
+    """LLAVA_KERNELS=auto as training meets it: the path timed and chosen per shape class (SFT's padded and packed
+    attention, CLIP's, the log-probs at V = 128,256), a Triton launch that fails falling back to SDPA without ending
+    the run, and the SFT and DPO micro-batches of a model with fp32 weights under bf16 autocast: one dtype at every
+    attention call (a Triton backward rejects bf16 x fp32) and, on CUDA, no host sync (sync debug mode "error")."""
+    import torch
+    import kernels
+    from kernels import tuning
+    dev, dt = ctx.device, ctx.dtype
+    rows = []
+    with kernels_env("auto" if not ctx.dry else "ref"):
+        g = torch.Generator(dev).manual_seed(0)
+        shapes = [("padded causal GQA 32/8 d128 T=4k", (1, 4096), 32, 8, 128, True, None),
+                  ("packed causal GQA 32/8 d128, 8 seqs", (8 * 1024,), 32, 8, 128, True, 1024),
+                  ("CLIP non-causal 16 heads d64 T=577 x5", (5, 577), 16, 16, 64, False, None)]
+        if ctx.dry:
+            shapes = [("padded causal GQA 4/2 d16 T=40", (1, 40), 4, 2, 16, True, None)]
+        for name, shape, H, Hkv, D, causal, seq in shapes:
+            q, k, v = (torch.randn(*shape, h, D, device=dev, dtype=dt, generator=g, requires_grad=True)
+                       for h in (H, Hkv, Hkv))
+            cu = torch.arange(0, shape[0] + 1, seq, dtype=torch.int32, device=dev) if seq else None
+            o = kernels.attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=seq)
+            o.sum().backward()
+            ok = bool(torch.isfinite(o).all()) and q.grad is not None
+            rows.append(Row(f"auto path for attention, {name}: runs forward and backward", "yes" if ok else "no", ok))
+        if not ctx.dry:
+            N, d, V = 4096, 4096, 128256
+            h = torch.randn(N, d, device=dev, dtype=dt, generator=g, requires_grad=True)
+            w = (torch.randn(V, d, device=dev, dtype=dt, generator=g) * 0.02).requires_grad_()
+            lp = kernels.token_logprobs(h, w, torch.randint(0, V, (N,), device=dev, generator=g))
+            lp.sum().backward()
+            rows.append(Row(f"auto path for token_logprobs N={N} V={V}: runs", "yes", bool(torch.isfinite(lp).all())))
+        for key, path in sorted(tuning.paths().items()):
+            rows.append(Row(f"path chosen: {' '.join(map(str, key))}", path, None, "perf"))
+        if not ctx.dry:                        # a launch that fails: SDPA's answer, one loud line, the run goes on
+            real = kernels.attention_triton
+
+            def broken(*a, **kw):
+                raise RuntimeError("a launch failure planted by gpu_check")
+            kernels.attention_triton = broken
+            try:
+                q, k, v = (torch.randn(1, 2048, h, 128, device=dev, dtype=dt, generator=g) for h in (32, 8, 8))
+                tuning._paths[("attention", 128, True, str(dt)[6:], False, 2048, "infer")] = "triton"
+                got = kernels.attention(q, k, v)
+                with kernels_env("ref"):
+                    want = kernels.attention(q, k, v)
+                ok = torch.equal(got, want)
+            except Exception as e:                                         # noqa: BLE001
+                ok = False
+                print(f"  fallback raised {type(e).__name__}: {e}")
+            finally:
+                kernels.attention_triton = real
+            rows.append(Row("a failing Triton launch falls back to SDPA (same output, run goes on)",
+                            "yes" if ok else "no", ok))
+    rows += _micro_batches(ctx)
+    for r in rows:
+        print(f"  {r.goal}: {r.measured} {'' if r.ok is None else 'ok' if r.ok else 'FAIL'}", flush=True)
+    return rows
+
+
+def _micro_batches(ctx):
+    """train_sft.py's and train_dpo.py's micro-batch (forward + backward) on a small model with fp32 weights under
+    bf16 autocast (fp32 under --dry: CPU autocast runs no Triton), with kernels.attention spied on for its dtypes;
+    on CUDA inside torch.cuda.set_sync_debug_mode("error"), which raises at any host sync."""
+    from types import SimpleNamespace
+    import torch
+    import kernels
+    import train_dpo
+    import train_sft
+    from bench.sft_speed import TINY_CONFIG
+    from model import LlavaNext, LlavaNextConfig
+    from model.anyres import num_crops, num_image_tokens
+    dev = torch.device(ctx.device)
+    cfg = LlavaNextConfig.from_dict(TINY_CONFIG)
+    model = LlavaNext.from_config(cfg, device=dev).train()
+    S, img = cfg.vision.image_size, cfg.image_token_index
+    size = (2 * S, 2 * S)
+    n_img, crops = num_image_tokens(size, cfg.image_grid_pinpoints, S, cfg.vision.grid), \
+        num_crops(size, cfg.image_grid_pinpoints, S)
+    g = torch.Generator().manual_seed(0)
+
+    def row(n_text):
+        t = torch.randint(0, img, (n_text,), generator=g)
+        return torch.cat([t[:5], torch.full((n_img,), img), t[5:]])
+    seqs = [row(30), row(30), row(41), row(37)]             # 2 pairs: chosen rows, then rejected rows
+    lens = [len(x) for x in seqs]
+    ids = torch.cat(seqs)[None]
+    targets = torch.where(ids == img, -100, ids.roll(-1, 1))
+    targets[0, torch.tensor(lens).cumsum(0) - 1] = -100
+    mb = {"n": 4, "input_ids": ids, "targets": targets, "cu_seqlens": torch.tensor([0, *torch.tensor(lens).cumsum(0)],
+                                                                                  dtype=torch.int32),
+          "max_seqlen": max(lens), "target_rows": (targets.reshape(-1) != -100).nonzero()[:, 0],
+          "pixel_values": torch.randn(4 * crops, 3, S, S, generator=g), "image_sizes": torch.tensor([size] * 4),
+          "ids": ["a", "b"]}
+    pin = (lambda t: t.pin_memory()) if dev.type == "cuda" else (lambda t: t)
+    mb = {k: pin(v) if torch.is_tensor(v) and k != "image_sizes" else v for k, v in mb.items()}
+    seen, real = [], kernels.attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *a, **kw)
+    compute = torch.float32 if ctx.dry else torch.bfloat16
+    d = SimpleNamespace(device=dev)
+    sync_mode = (lambda m: torch.cuda.set_sync_debug_mode(m)) if dev.type == "cuda" else (lambda m: None)
+    rows = []
+    kernels.attention = spy
+    try:
+        for name, step in (
+                ("SFT", lambda: train_sft.train_micro_batch(model, mb, d, compute, "token", 100.0, 1)),
+                ("DPO", lambda: train_dpo.train_micro_batch(         # 2 pairs: the images of the first 2 rows
+                    model, None, dict(mb, n=2, pixel_values=mb["pixel_values"][:2 * crops],
+                                      image_sizes=mb["image_sizes"][:2], ref=pin(torch.zeros(2, 2))), d, compute,
+                    SimpleNamespace(beta=0.1, label_smoothing=0.0, sft_weight=0.0), 2, 0, 1))):
+            seen.clear()
+            with kernels_env("auto" if not ctx.dry else "ref"):
+                step()                                   # warm-up: the timed path choices and tuning sync, once
+                sync_mode("error")
+                try:
+                    step()
+                    err = None
+                except RuntimeError as e:
+                    err = str(e).splitlines()[0][:120]
+                finally:
+                    sync_mode("default")
+            one = len(set(seen)) == 1 and len(set(seen[0])) == 1
+            rows.append(Row(f"{name} micro-batch, fp32 weights under {str(compute)[6:]} autocast: one dtype at every "
+                            "attention call", ", ".join(sorted({str(x) for x in set(seen)})), one))
+            rows.append(Row(f"{name} micro-batch: no host sync" + (" (not measured on the CPU)" if ctx.dry else ""),
+                            err or "none", None if ctx.dry else err is None))
+    finally:
+        kernels.attention = real
+    return rows
+
+
 def stage_attention_bench(ctx):
     from bench.kernels_bench import VARLEN_LENGTHS, attention_bench
     if ctx.dry:
@@ -316,38 +453,45 @@ def check_fsdp_smoke(returncode, tail):
     """bench/fsdp_smoke.py prints PASS / FAIL per check (or one 'skipped' line below 2 GPUs)."""
     rows = [Row(line.split(None, 1)[1].strip(), line.split()[0], line.startswith("PASS"))
             for line in tail if line.startswith(("PASS", "FAIL"))]
-    if not rows:
-        skipped = any("skipped" in line for line in tail)
-        rows = [Row("FSDP2 smoke over every GPU", "skipped: 1 GPU" if skipped else f"exit {returncode}",
-                    None if skipped else returncode == 0)]
-    return rows
+    return rows or [Row("FSDP2 smoke over every GPU", f"exit {returncode}", False)]
 
 
-MODEL_NEEDS = ("numpy", "PIL", "safetensors", "tokenizers")          # what `import model` pulls in
+# timeouts, cold (Triton compiling included): they add up to BUDGET, which with gpu_check.sh's set-up fits 8 minutes
 STAGES = [
-    Stage("env", stage_env, 60),
-    Stage("attention-correct", stage_attention_correct, 150),
-    Stage("logprobs-correct", stage_logprobs_correct, 90),
-    Stage("attention-bench", stage_attention_bench, 150),
-    Stage("logprobs-bench", stage_logprobs_bench, 90),
-    Stage("sft-mfu", stage_sft, 150, needs=MODEL_NEEDS),
-    Stage("sampling", stage_sampling, 120, quick=False, needs=MODEL_NEEDS),
-    Stage("dpo-step", stage_dpo, 120, quick=False, needs=MODEL_NEEDS),
-    Stage("fsdp-smoke", [sys.executable, "bench/fsdp_smoke.py"], 240, quick=False, needs=MODEL_NEEDS,
+    Stage("env", stage_env, 20, needs=("torch", "triton")),
+    Stage("attention-correct", stage_attention_correct, 75, needs=("bench.kernels_bench", "kernels")),
+    Stage("logprobs-correct", stage_logprobs_correct, 35, needs=("kernels",)),
+    Stage("dispatch", stage_dispatch, 45, needs=("kernels", "model", "train_sft", "train_dpo", "bench.sft_speed")),
+    Stage("attention-bench", stage_attention_bench, 45, quick=False, needs=("bench.kernels_bench",)),
+    Stage("logprobs-bench", stage_logprobs_bench, 25, quick=False, needs=("bench.kernels_bench",)),
+    Stage("sft-mfu", stage_sft, 45, quick=False, needs=("bench.sft_speed",)),
+    Stage("sampling", stage_sampling, 35, quick=False, needs=("bench.generate_speed",)),
+    Stage("dpo-step", stage_dpo, 35, quick=False, needs=("bench.dpo_speed",)),
+    Stage("fsdp-smoke", [sys.executable, "bench/fsdp_smoke.py"], 45, quick=False, needs=("bench.fsdp_smoke",),
           check=check_fsdp_smoke, dry=False),
     Stage("kernel-tests", [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           "tests/test_kernels.py"], 240, quick=False, needs=("pytest",) + MODEL_NEEDS, dry=False),
+                           "tests/test_kernels.py", "-k", "not every_cuda"], 55, quick=False,
+          needs=("pytest", "kernels", "model"), dry=False),
 ]
+BUDGET = sum(s.timeout for s in STAGES)                             # 460 s
+QUICK_BUDGET = sum(s.timeout for s in STAGES if s.quick)            # 175 s: correctness and dispatch
 
 
 # ------------------------------------------------------------------------------------------------ runner
 
-def _stream(proc, tail):
-    """Print a child's output as it comes; collect its rows."""
+IMPORTS_TAG = "@@gpu_check imports "
+IMPORTED = {}                 # stage name -> the top-level modules its child had imported when it ended (tests)
+
+
+def _stream(proc, tail, name):
+    """Print a child's output as it comes; collect its rows (and the modules it imported)."""
     rows = []
     for line in proc.stdout:
         if line.startswith(ROWS_TAG):
             rows += [Row(**r) for r in json.loads(line[len(ROWS_TAG):])]
+            continue
+        if line.startswith(IMPORTS_TAG):
+            IMPORTED[name] = set(json.loads(line[len(IMPORTS_TAG):]))
             continue
         print(f"  | {line}", end="", flush=True)
         tail.append(line)
@@ -361,7 +505,7 @@ def run_child(stage, argv, timeout):
                             stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     tail, result = [], {}
-    reader = threading.Thread(target=lambda: result.setdefault("rows", _stream(proc, tail)), daemon=True)
+    reader = threading.Thread(target=lambda: result.setdefault("rows", _stream(proc, tail, stage.name)), daemon=True)
     reader.start()
     try:
         rc = proc.wait(timeout=timeout)
@@ -373,9 +517,25 @@ def run_child(stage, argv, timeout):
     return result.get("rows", []), rc, tail
 
 
+def import_errors(stages):
+    """{stage name: the first import error} for the stages whose modules do not import, found in one child process
+    (the project's modules and the packages they pull in, as a stage's child would import them)."""
+    mods = sorted({m for st in stages for m in st.needs})
+    code = ("import importlib, json, sys\nsys.path[:0] = [%r, %r]\nbad = {}\n"
+            "for m in %r:\n    try:\n        importlib.import_module(m)\n"
+            "    except Exception as e:\n        bad[m] = f'{type(e).__name__}: {e}'\nprint(json.dumps(bad))"
+            % (ROOT, os.path.join(ROOT, "tests"), mods))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    try:
+        bad = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        bad = {m: f"the import check itself failed: {out.stderr.strip()[-200:]}" for m in mods}
+    return {st.name: f"{m}: {bad[m]}"[:200] for st in stages for m in st.needs if m in bad}
+
+
 def run_stage(stage, ctx, timeout, in_process=False):
-    """Rows of one stage; a crash, a timeout or a silent stage is a failed row (a timeout shortened by the budget
-    is reported as not measured instead: the budget, not the stage, ran out)."""
+    """Rows of one stage; a crash, a timeout or a silent stage is a failed row, and so is a timeout that the budget
+    shortened (the check did not happen)."""
     if in_process:
         try:
             return stage.run(ctx)
@@ -389,7 +549,8 @@ def run_stage(stage, ctx, timeout, in_process=False):
         argv = list(stage.run)
     rows, rc, tail = run_child(stage, argv, timeout)
     if rc == "timeout" and timeout < stage.timeout:
-        return rows + [Row(f"{stage.name}", f"skipped: the budget ran out after {timeout} s", None)]
+        return rows + [Row(f"{stage.name} finishes", f"not run to its end: the budget ran out after {timeout} s",
+                           False)]
     if not callable(stage.run):
         return stage.check(rc, tail) if stage.check else [Row(f"{stage.name}: exit code 0", f"exit {rc}", rc == 0)]
     if rc == "timeout":
@@ -402,20 +563,24 @@ def run_stage(stage, ctx, timeout, in_process=False):
     return rows
 
 
-def run_stages(stages, ctx, budget=None, in_process=False):
-    """Run the stages in order within `budget` seconds; print each stage's rows as it ends. Returns all rows
-    as (stage name, Row)."""
+def run_stages(stages, ctx, budget=None, in_process=False, skip=()):
+    """Run the stages in order within `budget` seconds; print each stage's rows as it ends. Returns all rows as
+    (stage name, Row). Only a stage named in `skip` (or one that is no part of --dry) is skipped without failing:
+    one whose modules do not import, or which the budget leaves no time for, is a failed row."""
     t0 = time.perf_counter()
+    planned = [st for st in stages if st.name not in skip and not (ctx.dry and not st.dry)]
+    broken = import_errors(planned)
     out = []
     for st in stages:
         left = None if budget is None else budget - (time.perf_counter() - t0)
-        missing = [m for m in st.needs if importlib.util.find_spec(m) is None]
-        if ctx.dry and not st.dry:
+        if st.name in skip:
+            rows = [Row(f"{st.name}", "skipped: --skip", None)]
+        elif ctx.dry and not st.dry:
             rows = [Row(f"{st.name}", "skipped: not part of --dry", None)]
-        elif missing:
-            rows = [Row(f"{st.name}", f"skipped: {', '.join(missing)} not installed", None)]
+        elif st.name in broken:
+            rows = [Row(f"{st.name}: its modules import", broken[st.name], False)]
         elif left is not None and left < min(st.timeout, 30):
-            rows = [Row(f"{st.name}", f"skipped: {left:.0f} s of the budget left", None)]
+            rows = [Row(f"{st.name} runs", f"not run: {left:.0f} s of the budget left", False)]
         else:
             timeout = st.timeout if left is None else min(st.timeout, int(left))
             print(f"\n== {st.name} (timeout {timeout} s)", flush=True)
@@ -432,32 +597,43 @@ def verdict(r):
 
 
 def report(results, elapsed):
-    """The goal table; returns the exit code."""
+    """The goal table, the kernel paths and configs chosen on this GPU; returns the exit code."""
     print(f"\n## gpu_check: {elapsed:.0f} s\n")
     print("| stage | goal | measured | verdict |\n|---|---|---|---|")
     for name, r in results:
         print(f"| {name} | {r.goal} | {r.measured} | {verdict(r)} |")
     from kernels import tuning
-    picked = tuning.disk_cache()
-    if picked:
-        print("\nconfigs the tuner picked (device | triton | op, head dim, causal, dtype, packed -> config):")
-        for key, cfg in sorted(picked.items()):
+    cached = tuning.disk_cache()
+    paths = {k: v for k, v in cached.items() if "|path|" in k}
+    if paths:
+        print("\npath LLAVA_KERNELS=auto chose per shape class (device | torch | triton | kernels | op, dims, causal, "
+              "dtype, packed, length bucket, train/infer -> path):")
+        for key, path in sorted(paths.items()):
+            print(f"  {key.replace('|path|', '|')} -> {path}")
+    configs = {k: v for k, v in cached.items() if k not in paths}
+    if configs:
+        print("\nconfigs the tuner picked (device | torch | triton | kernels | op, head dim, causal, dtype, packed, "
+              "length bucket -> config):")
+        for key, cfg in sorted(configs.items()):
             print(f"  {key} -> {tuple(cfg)}")
     wrong = sum(r.ok is False and r.kind == "correct" for _, r in results)
     missed = sum(r.ok is False and r.kind == "perf" for _, r in results)
     skipped = sum(r.measured.startswith("skipped") for _, r in results)
     print(f"\n{sum(r.ok is True for _, r in results)} passed, {wrong + missed} failed "
-          f"({wrong} wrong results or crashes, {missed} goals missed), {skipped} stages skipped")
+          f"({wrong} wrong results, crashes or unchecked stages, {missed} goals missed), {skipped} stages skipped "
+          "on purpose")
     return 1 if wrong else 2 if missed else 0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer stages: within 3 minutes")
+    ap.add_argument("--quick", action="store_true",
+                    help="correctness and dispatch only, smaller shapes: within 3 minutes")
     ap.add_argument("--dry", action="store_true", help="on the CPU: Triton interpreter, toy shapes, no goals judged")
     ap.add_argument("--only", default="", help="comma-separated stage names")
+    ap.add_argument("--skip", default="", help="comma-separated stage names to skip on purpose (any other skip fails)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for all stages (default 450, --quick 170, --dry none)")
+                    help=f"seconds for all stages (default {BUDGET}, --quick {QUICK_BUDGET}, --dry none)")
     ap.add_argument("--in-process", action="store_true", help="run the stages in this process (no timeouts)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)             # a child: run one stage, print its rows
     ap.add_argument("--list", action="store_true", help="print the stages and exit")
@@ -465,9 +641,14 @@ def main(argv=None):
     if args.dry:
         os.environ.setdefault("TRITON_INTERPRET", "1")            # before triton is imported
     ctx = Ctx(dry=args.dry, quick=args.quick)
+    names = {s.name for s in STAGES}
+    unknown = [n for n in (args.only + "," + args.skip).split(",") if n and n not in names]
+    if unknown:
+        ap.error(f"unknown stage(s) {unknown}; the stages: {', '.join(sorted(names))}")
     if args.stage:
         rows = next(s for s in STAGES if s.name == args.stage).run(ctx)
         print(ROWS_TAG + json.dumps([dataclasses.asdict(r) for r in rows]), flush=True)
+        print(IMPORTS_TAG + json.dumps(sorted({m.split(".")[0] for m in sys.modules})), flush=True)
         return 0
     stages = [s for s in STAGES if (not args.quick or s.quick) and (not args.only or s.name in args.only.split(","))]
     if args.list:
@@ -475,9 +656,9 @@ def main(argv=None):
             print(f"{s.name:20s} timeout {s.timeout:4d} s  {'quick ' if s.quick else ''}"
                   f"{'' if callable(s.run) else ' '.join(s.run)}")
         return 0
-    budget = args.budget if args.budget is not None else None if args.dry else 170 if args.quick else 450
+    budget = args.budget if args.budget is not None else None if args.dry else QUICK_BUDGET if args.quick else BUDGET
     t0 = time.perf_counter()
-    results = run_stages(stages, ctx, budget, args.in_process)
+    results = run_stages(stages, ctx, budget, args.in_process, skip=set(filter(None, args.skip.split(","))))
     code = report(results, time.perf_counter() - t0)
     out = os.environ.get("OUT")
     if out and os.path.isdir(out):

@@ -15,7 +15,7 @@ import evaluate
 import sample
 import train_dpo
 import train_sft
-from conftest import ROOT, build_tiny_model_dir
+from helpers import ROOT, build_tiny_model_dir
 
 SCRIPTS = {"train_sft.py": train_sft, "train_dpo.py": train_dpo, "sample.py": sample, "evaluate.py": evaluate,
            "distill.py": distill}
@@ -156,7 +156,7 @@ def test_a_finished_torchrun_worker_leaves_without_interpreter_teardown(tmp_path
     down around them once aborted a finished 2-process run (SIGABRT). Workers exit at once after their outputs."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=ROOT))
-    from test_rehearsal import launch
+    from helpers import launch
     two = subprocess.run(launch(str(script), [], 2), capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "done on rank 0" in two.stdout and "done on rank 1" in two.stdout

@@ -7,9 +7,9 @@ import sys
 
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, assert_close, make_hf_model
+from helpers import ROOT, assert_close, make_hf_model
 from model import LlavaNext
-from test_model import batch_for, hf_logits, original_config, our_logits, to_original
+from helpers import batch_for, hf_logits, original_config, our_logits, to_original
 
 
 def test_convert_original_checkpoint(tmp_path):

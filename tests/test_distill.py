@@ -11,7 +11,7 @@ import pytest
 
 import distill
 from common.cli import UserError
-from conftest import ROOT, random_image
+from helpers import ROOT, random_image
 from fake_openai import FakeOpenAI, Reply, question_of
 
 KEY = "sk-test-SECRET-0123456789"

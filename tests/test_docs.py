@@ -6,7 +6,7 @@ import glob
 import os
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 REF = re.compile(r"`([\w/]+\.py):([A-Za-z_][\w.]*)`")
 

@@ -13,11 +13,11 @@ import torch
 import sample
 import train_dpo
 import train_sft
-from conftest import build_tiny_model_dir
+from helpers import build_tiny_model_dir
 from data.collate import PairDataset, collate_pairs, per_sequence, truncate_words
 from data.synthetic import teacher
 from model import LlavaNext, Processor
-from test_sft import torchrun
+from helpers import torchrun
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import evaluate
-from conftest import build_tiny_model_dir
+from helpers import build_tiny_model_dir
 from data import convert
 from data.formats import FormatError
 
@@ -108,7 +108,7 @@ def test_two_processes_resume_a_killed_run_and_equal_one_process(tiny, tmp_path)
     one process's, and no part file is left. A missing image fails when planned, a truncated one (a
     readable header) in the worker."""
     import shutil
-    from test_sft import torchrun
+    from helpers import torchrun
     model, root, _ = tiny
     recs = [json.loads(line) for line in open(os.path.join(root, "test.jsonl"))][:9]
     images = tmp_path / "img"
@@ -249,7 +249,7 @@ def test_benchmarks_in_their_own_image_roots_give_one_table(tiny, tmp_path):
     benchmark and the paper's Table 3 row averaging those present; under torchrun the same table. One root for all
     files works too; a root count that is neither 1 nor the file count is refused before anything is written."""
     import shutil
-    from test_sft import torchrun
+    from helpers import torchrun
     model, root, _ = tiny
     recs = [json.loads(line) for line in open(os.path.join(root, "test.jsonl"))][:9]
     files, roots = [], []

@@ -5,10 +5,10 @@ import tempfile
 import pytest
 import torch
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 from model import LlavaNext
 from model.generation import left_pad
-from test_model import batch_for
+from helpers import batch_for
 
 
 def left_padded(batch):
@@ -191,10 +191,10 @@ def test_clear_errors(pair):
 def test_generate_text_round_trip(tmp_path, llama3_tokenizer_dir):
     """Chat in, strings out: a tiny model on the real Llama-3 vocabulary; decoded text equals the tokens."""
     import json
-    from conftest import hf_config_dict, random_image
+    from helpers import hf_config_dict, random_image
     from model import LlavaNextConfig, Processor
     from model.generation import generate_text
-    from test_processor import llama3_tokenizer_json
+    from helpers import llama3_tokenizer_json
     d = hf_config_dict("llama")
     d["text_config"] = dict(d["text_config"], vocab_size=128320, hidden_size=32, intermediate_size=64,
                             num_attention_heads=2, num_key_value_heads=1)

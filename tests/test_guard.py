@@ -12,7 +12,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, build_tiny_model_dir, teacher_pairs
+from helpers import ROOT, build_tiny_model_dir, teacher_pairs
 
 
 @pytest.fixture(scope="module")

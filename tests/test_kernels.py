@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels import tuning
 from kernels.attention import attention_triton
 from kernels.logprobs import ChunkedLogProbs, TritonLogProbs, token_logprobs_ref
@@ -302,9 +302,9 @@ def test_switch_is_read_at_call_time(monkeypatch):
 def test_model_runs_on_the_triton_kernels(monkeypatch):
     """Both towers go through kernels.attention: forcing Triton gives the reference model's logits and grads."""
     pytest.importorskip("transformers")
-    from conftest import make_hf_model
+    from helpers import make_hf_model
     from model import LlavaNext
-    from test_model import batch_for
+    from helpers import batch_for
     import tempfile
     hf = make_hf_model("llama")
     with tempfile.TemporaryDirectory() as d:
@@ -330,7 +330,7 @@ def test_model_runs_on_the_triton_kernels(monkeypatch):
 
 def tiny_model_and_batch():
     """A random tiny LLaVA-NeXT (fp32 weights) and a right-padded batch: text only, one image, two images."""
-    from conftest import PINPOINTS, hf_config_dict, mixed_batch
+    from helpers import PINPOINTS, hf_config_dict, mixed_batch
     from model import ImageProcessor, LlavaNext, LlavaNextConfig
     from model.anyres import num_image_tokens
     model = LlavaNext.from_config(LlavaNextConfig.from_dict(hf_config_dict("llama")))

@@ -16,7 +16,7 @@ import torch
 
 import train_dpo
 import train_sft
-from conftest import build_tiny_model_dir, teacher_pairs
+from helpers import build_tiny_model_dir, teacher_pairs
 from data.collate import PairDataset, SFTDataset, collate, collate_pairs, load_rows
 from data.formats import load_pairs
 from model import LlavaNext, Processor

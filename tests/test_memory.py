@@ -7,7 +7,7 @@ import pytest
 import train_dpo
 import train_sft
 from common.cli import UserError
-from conftest import build_tiny_model_dir
+from helpers import build_tiny_model_dir
 from model import LlavaNext
 from training import memory
 

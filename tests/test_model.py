@@ -2,54 +2,25 @@
 
 import json
 import os
-import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import PINPOINTS, hf_config_dict, hf_image_processor, make_hf_model, mixed_batch, assert_close
+from helpers import (LLAMA3_8B, PINPOINTS, assert_close, batch_for, hf_config_dict, hf_logits, make_hf_model,
+                     original_config, our_logits, to_original)
 from model import LlavaNext, LlavaNextConfig
-from model.anyres import grid_shape, num_image_tokens
+from model.anyres import grid_shape
 from model.weights import LAYOUTS, TO_HUB, rename
 
 KINDS = ["llama", "mistral"]
 
-# llava-hf/llama3-llava-next-8b-hf config.json, as published with the checkpoint
-LLAMA3_8B = {
-    "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next", "ignore_index": -100,
-    "image_token_index": 128256, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default", "use_image_newline_parameter": True, "tie_word_embeddings": False,
-    "torch_dtype": "float16", "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-    "text_config": {"_name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct", "architectures": ["LlamaForCausalLM"],
-                    "model_type": "llama", "bos_token_id": 128000, "eos_token_id": 128009,
-                    "intermediate_size": 14336, "max_position_embeddings": 8192, "num_key_value_heads": 8,
-                    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "vocab_size": 128320},
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
-                      "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
-}
 
 
-def batch_for(model, seed=0):
-    cfg = model.config
-
-    def n_tokens(h, w):
-        return num_image_tokens((h, w), cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.grid)
-
-    ids, mask, images = mixed_batch(n_tokens, cfg.image_token_index, cfg.text.vocab_size, seed)
-    out = hf_image_processor()(images, return_tensors="pt")
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=out["pixel_values"], image_sizes=out["image_sizes"])
 
 
-@torch.no_grad()
-def hf_logits(hf, batch):
-    return hf(**batch).logits
 
 
-@torch.no_grad()
-def our_logits(model, batch):
-    return model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"])
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -129,30 +100,8 @@ def write_layout(src_dir, dst, key_fn, config=None):
         json.dump(config or json.load(open(os.path.join(src_dir, "config.json"))), f)
 
 
-def to_original(key):
-    """llava-hf Hub name -> original LLaVA-NeXT name (the inverse of transformers' conversion script)."""
-    for pat, rep in [(r"^vision_tower\.vision_model\.", "model.vision_tower.vision_tower.vision_model."),
-                     (r"^multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
-                     (r"^multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
-                     (r"^image_newline$", "model.image_newline"),
-                     (r"^language_model\.model\.", "model."), (r"^language_model\.lm_head\.", "lm_head.")]:
-        if re.match(pat, key):
-            return re.sub(pat, rep, key)
-    raise AssertionError(key)
 
 
-def original_config(kind):
-    """The llava_llama / llava_mistral config.json of the same tiny model (flat text config + mm_* fields)."""
-    d = hf_config_dict(kind)
-    text = dict(d["text_config"])
-    layer = d["vision_feature_layer"]
-    return {**text, "model_type": "llava_mistral" if text["model_type"] == "mistral" else "llava_llama",
-            "architectures": ["LlavaLlamaForCausalLM"], "image_aspect_ratio": "anyres",
-            "mm_patch_merge_type": "spatial_unpad", "mm_projector_type": "mlp2x_gelu",
-            "mm_vision_select_feature": "patch", "mm_vision_select_layer": layer, "mm_use_im_start_end": False,
-            "mm_hidden_size": 32, "image_grid_pinpoints": PINPOINTS, "image_token_index": d["image_token_index"],
-            "tie_word_embeddings": d["tie_word_embeddings"], "mm_vision_tower": "tiny-clip",
-            "vision_config": d["vision_config"]}
 
 
 @pytest.mark.parametrize("layout", ["llava-hf", "transformers-in-memory", "original"])

@@ -1,14 +1,13 @@
 """The processor against transformers: anyres pixels, image-token counts, chat templates, labels."""
 
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import random_image
+from helpers import llama3_tokenizer_json, random_image
 from model import ImageProcessor, LlavaNextConfig, Processor, SYSTEM_PROMPT
-from test_model import LLAMA3_8B
+from helpers import LLAMA3_8B
 
 # tiny, square (small and exact-size), very wide, very tall, and sizes with their image-token counts worked out from
 # LLaVA-NeXT's formula, 576 base features + h' * (w' + 1) for the unpadded h' x w' grid with a newline per row (e.g.
@@ -38,15 +37,6 @@ CONVERSATION = [
 ]
 
 
-def llama3_tokenizer_json(tokenizer_dir, extra=()):
-    """The Llama-3 tokenizer.json text with the 128,256 Llama-3 ids only (the fixture's Llama-3.2 file also carries
-    <|image|> = 128256, which llava-hf's tokenizer does not) plus the given added tokens."""
-    t = json.load(open(os.path.join(tokenizer_dir, "tokenizer.json")))
-    t["added_tokens"] = [a for a in t["added_tokens"] if a["id"] < 128256]
-    for i, content in enumerate(extra):
-        t["added_tokens"].append({"id": 128256 + i, "content": content, "single_word": False, "lstrip": False,
-                                  "rstrip": False, "normalized": False, "special": True})
-    return json.dumps(t)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, build_tiny_model_dir, teacher_pairs
+from helpers import ROOT, build_tiny_model_dir, teacher_pairs
 from fake_openai import FakeOpenAI
 
 

@@ -8,25 +8,14 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, build_tiny_model_dir, teacher_pairs
+from helpers import ROOT, build_tiny_model_dir, launch, teacher_pairs
 
 
-def launch(script, argv, n):
-    """The command line a user types: `torchrun --nproc_per_node N script ...` (n = 1: plain python)."""
-    if n == 1:
-        return [sys.executable, script, *argv]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}", script,
-            *argv]
 
 
 def run(script, argv, n):

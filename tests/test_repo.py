@@ -4,7 +4,7 @@ import os
 import re
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 TEXT = (".py", ".md", ".txt", ".ini", ".sh", ".cfg", ".toml", ".json", ".jinja")
 OUTSIDE = re.compile(r"\.\./shared|\b(?:DESIGN|STYLE)\.md\b|\breference/[\w-]+\.md\b")

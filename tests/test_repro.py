@@ -8,10 +8,10 @@ import sys
 import torch
 
 import sample
-from conftest import ROOT
+from helpers import ROOT
 from data.synthetic import generate
 from model import LlavaNext
-from test_sft import torchrun
+from helpers import torchrun
 
 BASE = os.path.join(ROOT, "demo", "base_model")       # the demo's own model, tokenizer and chart size
 FAMILIES = ["count_above", "caption", "lookup", "max_label"]   # prompts of different lengths: left padding

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 import train_sft
 from training.checkpoint import checkpoints, incomplete, write_checkpoint
-from conftest import ROOT, assert_close, build_tiny_model_dir
+from helpers import ROOT, assert_close, build_tiny_model_dir, torchrun
 from model import LlavaNext, Processor
 
 
@@ -37,15 +36,6 @@ def weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
-def torchrun(argv, n=2, script="train_sft.py"):
-    with socket.socket() as s:                      # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}",
-           script, *argv]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 def max_diff(a, b):
