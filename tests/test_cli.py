@@ -261,3 +261,40 @@ def test_evaluation_never_reports_another_models_answers(tiny, tmp_path):
         evaluate.main(["--model", str(other)] + argv)
     assert evaluate.main(["--model", str(other), "--overwrite"] + argv) == 0
     assert json.load(open(tmp_path / "eval" / "manifest.json"))["model"][0] == str(other)
+
+
+CRASHER = """
+import sys, time
+import torch
+sys.path.insert(0, {root!r})
+from common.cli import cli
+from common.dist import Dist
+
+def main():
+    d = Dist(timeout_minutes=10)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.ones(2, 4)).sum().backward()
+    if d.rank == 1:
+        raise RuntimeError("CUDA out of memory (planted)")
+    d.barrier()                           # rank 0 waits here for a rank that will never come
+    return 0
+
+cli(main)
+"""
+
+
+def test_a_crash_under_torchrun_prints_its_traceback_and_ends_the_job_at_once(tmp_path):
+    """An uncaught error on one rank (an OOM, an NCCL error) under torchrun: that rank prints its traceback, tagged
+    with its rank, tears its process group down and exits 1 at once, so the launcher ends the rank still waiting in a
+    collective instead of leaving it for the 10-minute collective timeout."""
+    import time
+    script = tmp_path / "crasher.py"
+    script.write_text(CRASHER.format(root=ROOT))
+    from helpers import launch
+    t0 = time.time()
+    res = subprocess.run(launch(str(script), [], 2), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and time.time() - t0 < 120
+    first = res.stderr.index("] crashed:")
+    assert res.stderr[first - 7:first] == "[rank 1", res.stderr[-3000:]        # the rank that crashed says so first
+    assert "RuntimeError: CUDA out of memory (planted)" in res.stderr[first:first + 600]
+    assert res.stderr.count("[rank 1] crashed:") == 1 and "exitcode  : 1" in res.stderr

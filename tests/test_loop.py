@@ -80,3 +80,41 @@ def test_a_batch_goes_to_the_device_with_its_shapes_left_on_the_host(tiny):
     assert to["input_ids"].device.type == "meta" and to["cu_seqlens"].device.type == "meta"
     assert to["image_sizes"].device.type == "cpu"          # anyres shapes are computed from it: never read back
     assert isinstance(to["max_seqlen"], int) and to["n"] == 2
+
+
+def test_the_loader_pins_its_batches_on_cuda_and_its_workers_leave_sigterm_to_the_trainer(monkeypatch):
+    """Pinned host memory makes the copy to the GPU asynchronous (non_blocking=True does not wait); a worker ignores
+    the scheduler's SIGTERM, which the trainer answers after its step."""
+    import signal
+    from training import loop
+    seen = {}
+
+    class Spy:
+        def __init__(self, dataset, **kw):
+            seen.update(kw)
+
+        def __iter__(self):
+            return iter([])
+    monkeypatch.setattr(loop.torch.utils.data, "DataLoader", Spy)
+    loop.loader([0, 1], [[0], [1]], None, 2, torch.device("cuda", 0))
+    assert seen["pin_memory"] is True and seen["persistent_workers"] is True
+    loop.loader([0, 1], [[0], [1]], None, 0, torch.device("cpu"))
+    assert seen["pin_memory"] is False and seen["worker_init_fn"] is None
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        loop._worker_init(0)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.parametrize("script", ["train_sft", "train_dpo", "sample", "evaluate"])
+def test_every_torchrun_script_takes_a_collective_timeout(script):
+    import importlib
+    mod = importlib.import_module(script)
+    argv = {"train_sft": ["--model", "m", "--data", "d", "--out", "o"],
+            "train_dpo": ["--model", "m", "--pairs", "p", "--out", "o"],
+            "sample": ["--model", "m", "--data", "d", "--out", "o.jsonl"],
+            "evaluate": ["--model", "m", "--data", "d", "--out", "o"]}[script]
+    assert mod.parse_args(argv + ["--dist-timeout", "7.5"]).dist_timeout == 7.5
+    assert mod.parse_args(argv).dist_timeout == 60

@@ -142,3 +142,49 @@ def test_ranks_are_balanced_by_tokens_and_the_global_batch_ignores_the_process_c
         assert all(len(mb) == micro for step in split for mb in step)
         assert sorted(i for step in split for mb in step for i in mb) == sorted(batches[0])
     assert batches == global_batches(lengths, 32, seed=0, epoch=0) != global_batches(lengths, 32, seed=1, epoch=0)
+
+
+def two_nodes(script, argv, cwds=(ROOT, ROOT)):
+    """The README's several-node command on two "nodes" of one process each: two torchrun launchers meeting at a
+    c10d rendezvous on 127.0.0.1 (each in its own working directory). Returns [(returncode, stdout, stderr)]."""
+    import socket
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"rehearsal{port}",
+           os.path.join(ROOT, script), *argv]
+    procs = [subprocess.Popen(cmd, cwd=c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cwds]
+    return [(p.returncode, *p.communicate(timeout=300)) if p.wait(timeout=300) is not None else None
+            for p in procs]
+
+
+def test_sft_and_dpo_on_two_nodes_end_where_one_process_ends(setup):
+    run("train_sft.py", sft_argv(setup, "nodes_sft1", 8, 1), 1)
+    for rc, out, err in two_nodes("train_sft.py", sft_argv(setup, "nodes_sft2", 2, 2)):
+        assert rc == 0, out[-2000:] + err[-3000:]
+    assert max_diff(setup["root"] / "nodes_sft1", setup["root"] / "nodes_sft2") <= 1e-4
+    three = ["--epochs", "3"]
+    run("train_dpo.py", dpo_argv(setup, "nodes_dpo1", 1, 8) + three, 1)
+    for rc, out, err in two_nodes("train_dpo.py", dpo_argv(setup, "nodes_dpo2", 1, 8) + three):
+        assert rc == 0, out[-2000:] + err[-3000:]
+    assert max_diff(setup["root"] / "nodes_dpo1", setup["root"] / "nodes_dpo2") <= 1e-4
+
+
+def test_an_out_that_a_node_cannot_see_is_refused_in_one_line(setup, tmp_path):
+    """Each node resolves --out on its own disk (here: a relative --out from two working directories): every rank
+    stops at once with one line saying --out must be on a shared file system, and no run starts on either side."""
+    a, b = tmp_path / "node0", tmp_path / "node1"
+    a.mkdir()
+    b.mkdir()
+    argv = sft_argv(setup, "unused", 2, 2)
+    argv[argv.index("--out") + 1] = "runs/sft"
+    results = two_nodes("train_sft.py", argv, cwds=(str(a), str(b)))
+    for rc, out, err in results:
+        assert rc != 0
+    said = "".join(err for _, _, err in results)
+    line = next(ln for ln in said.splitlines() if "is not the same directory on every node" in ln)
+    assert line.startswith("error: --out runs/sft") and "must be on a shared file system" in line, said[-2000:]
+    assert "crashed:" not in said                  # a user's mistake, not a crash (torchrun's own summary follows)
+    assert not (a / "runs" / "sft" / "manifest.json").exists() and not (b / "runs").exists()
