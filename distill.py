@@ -347,7 +347,32 @@ def run_synthetic(pending, args, sink):
 
 # ------------------------------------------------------------------------------------------------ main
 
-def claim_out(args):
+def dry_run(records, args):
+    """--dry-run: the requests an actual run would send (records an earlier run of this --out finished are not
+    counted) and their estimated cost. Reads only."""
+    def finished(path):
+        ids = set()
+        if os.path.exists(path):
+            for line in open(path, encoding="utf-8"):
+                try:
+                    ids.add(str(json.loads(line).get("id")))
+                except ValueError:                      # a half-written last line: an actual run repairs it
+                    pass
+        return ids
+    base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
+    done = {i for i in finished(args.out) if not i.endswith("_direct")} | finished(base + ".dropped.jsonl")
+    pending = [r for r in records if r["id"] not in done]
+    rates = price(args) if args.teacher == "openai" else None
+    tin = sum(estimate_tokens(r, args)[0] for r in pending)
+    tout = len(pending) * args.est_output_tokens
+    print(f"{len(records)} records, {len(records) - len(pending)} already done, {len(pending)} to go")
+    print(f"dry run: {len(pending)} requests, ~{tin:,} input + ~{tout:,} output tokens, estimated "
+          f"${cost({'prompt_tokens': tin, 'completion_tokens': tout}, rates):.2f}"
+          f"{' (Batch API price)' if args.batch_api else ''}; nothing was sent and nothing written")
+    return 0
+
+
+def claim_out(args, act=True):
     """--out is taken only by the same distillation (data, teacher and its settings; see common.claim): a rerun
     resumes it, another one is refused unless --overwrite, and a file distill.py did not write is never touched."""
     if os.path.isdir(args.out):
@@ -361,7 +386,7 @@ def claim_out(args):
         fields["flags"] = {k: getattr(args, k) for k in ("hint_answer", "min_score", "seed") + (
             ("error_rate",) if teacher == "synthetic" else
             ("model", "base_url", "max_tokens", "temperature", "image_detail"))}
-    claim(base + ".manifest.json", fields, created, args.overwrite)
+    claim(base + ".manifest.json", fields, created, args.overwrite, act=act)
 
 
 def parse_args(argv=None):
@@ -422,11 +447,19 @@ def main(argv=None):
     records = load_qa(args.data)
     if args.limit:
         records = records[:args.limit]
+
     def min_score(rec):
         return args.min_score if args.min_score is not None else MIN_SCORE.get(family(rec["dataset"]), 1.0)
 
     if not args.teacher and not args.direct_only:
-        raise SystemExit("error: --teacher openai|synthetic is required (or --direct-only)")
+        raise UserError("--teacher openai|synthetic is required (or --direct-only)")
+    if args.teacher == "openai" and not args.dry_run and not os.environ.get("OPENAI_API_KEY"):
+        raise UserError("OPENAI_API_KEY is not set (a local server that ignores keys still needs a dummy one)")
+    if args.teacher == "synthetic":
+        args.model = "synthetic"
+    if args.dry_run:                                   # the count and the cost; nothing written, nothing sent
+        claim_out(args, act=False)
+        return dry_run(records, args)
     claim_out(args)
     if args.direct_only:                               # the paper's direct data: the annotations as answers
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -436,10 +469,6 @@ def main(argv=None):
             w.write(*rows)
         print(f"wrote {len(rows)} direct rows to {args.out} ({len(done)} already there)")
         return 0
-    if args.teacher == "synthetic":
-        args.model = "synthetic"
-    if args.teacher == "openai" and not args.dry_run and not os.environ.get("OPENAI_API_KEY"):
-        raise SystemExit("error: OPENAI_API_KEY is not set (a local server that ignores keys still needs a dummy one)")
     sink = Sink(args, min_score)
     pending = [r for r in records if r["id"] not in sink.done]
     # a kill between a record's row and its direct row: write the missing direct rows now
@@ -452,14 +481,6 @@ def main(argv=None):
     if args.teacher == "openai" and rates is None:
         print(f"note: no price known for {args.model!r}; costs show as $0 (give --price-in/--price-out)")
 
-    if args.dry_run:
-        tin = sum(estimate_tokens(r, args)[0] for r in pending)
-        tout = len(pending) * args.est_output_tokens
-        print(f"dry run: {len(pending)} requests, ~{tin:,} input + ~{tout:,} output tokens, estimated "
-              f"${cost({'prompt_tokens': tin, 'completion_tokens': tout}, rates):.2f}"
-              f"{' (Batch API price)' if args.batch_api else ''}; nothing was sent")
-        sink.close()
-        return 0
     t0 = time.time()
     before = spent_so_far(sink, rates) if rates else 0.0
     status = {}

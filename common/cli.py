@@ -11,7 +11,8 @@ import sys
 import threading
 import traceback
 
-from common import dist as _dist
+# set by common.dist.Dist when this process joins a process group (under torchrun): cli() then leaves at once
+JOINED = False
 
 
 class UserError(Exception):
@@ -137,14 +138,14 @@ def cli(main):
         print(e.code, file=sys.stderr, flush=True)
         code = 2
     except Exception:
-        if not _dist.Dist.joined:
+        if not JOINED:
             raise                                    # one process: Python's own traceback and exit 1
         # under torchrun: this rank's traceback, then out at once (its peers may be waiting in a collective:
         # the launcher ends them when it sees this exit, instead of after --dist-timeout)
         rank = os.environ.get("RANK", "?")
         print(f"[rank {rank}] crashed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         crashed, code = True, 1
-    if _dist.Dist.joined:
+    if JOINED:
         # A torchrun worker leaves without interpreter teardown. torch keeps the process group alive past
         # destroy_process_group (torch._dynamo, which DDP imports after the group exists, and FSDP2's DTensor caches
         # hold it), so its gloo/NCCL threads still run while Python finalizes and C++ statics are destroyed; a peer

@@ -7,11 +7,11 @@ import os
 import torch
 import torch.distributed as dist
 
+from common import cli
+
 
 class Dist:
     """rank / world / device of this process; the small collectives the scripts use."""
-
-    joined = False                  # this process has been in a process group (cli() then exits without teardown)
 
     def __init__(self, timeout_minutes=60):
         self.distributed = "RANK" in os.environ
@@ -28,7 +28,7 @@ class Dist:
             # a generous timeout: a collective waits this long for a slow rank (a long save, a cold file system)
             dist.init_process_group(backend, device_id=self.device if self.device.type == "cuda" else None,
                                     timeout=datetime.timedelta(minutes=timeout_minutes))
-            Dist.joined = True
+            cli.JOINED = True                 # cli() then leaves without interpreter teardown
         self.main = self.rank == 0
 
     def all_sum(self, x):

@@ -1,6 +1,7 @@
 """Converters from each benchmark's released annotation files to QA records (one JSON object per line).
 
     python -m data.convert chartqa   --input ChartQA/test/test_human.json --out chartqa_human.jsonl
+    python -m data.convert chartqa   --input ChartQA/train/train_human.json --image-prefix chartqa/ --out train.jsonl
     python -m data.convert aokvqa    --input aokvqa_v1p0_val.json --out aokvqa_val.jsonl        # images: val2017/
     python -m data.convert docvqa    --input val/val_v1.0.json --out docvqa_val.jsonl
     python -m data.convert infovqa   --input infographicsVQA_val_v1.0_withQT.json --out infovqa_val.jsonl
@@ -186,6 +187,9 @@ def main():
     ap.add_argument("--image-dir", default=None, help="TSV input: where its images are written (the records' "
                                                       "image paths are relative to it: give it as --image-root)")
     ap.add_argument("--dataset", default=None, help="vlmeval: the benchmark (default: from the file name)")
+    ap.add_argument("--image-prefix", default="",
+                    help="put this folder in front of every image path (e.g. chartqa/), so that records of several "
+                         "benchmarks share one --image-root holding each benchmark's images in its own folder")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
     if os.path.exists(args.out) and not args.overwrite:
@@ -193,10 +197,15 @@ def main():
     kw = {"ids": args.ids, "image_dir": args.image_dir, "dataset": args.dataset}
     if args.split:
         kw["split"] = args.split
+    if not os.path.exists(args.input):
+        raise UserError(f"--input {args.input}: no such file or directory")
     try:
         records = list(CONVERTERS[args.benchmark](args.input, **kw))
     except (KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: {args.input} does not look like {args.benchmark}'s released format ({e!r})")
+        raise UserError(f"--input {args.input} does not look like {args.benchmark}'s released format ({e!r})")
+    for r in records:
+        if args.image_prefix and r.get("image"):
+            r["image"] = os.path.join(args.image_prefix, r["image"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         for r in records:
