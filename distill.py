@@ -1,22 +1,17 @@
-"""Stage 1 (paper §1, §2.4-2.5): distil chain-of-thought rationales from a teacher into SFT rows.
+"""Stage 1 (paper sections 1, 2.4-2.5): distil chain-of-thought rationales from a teacher into SFT rows.
 
-The teacher writes a rationale ending in "### Answer: X" for each short-answer QA record; only rows whose answer
-matches the annotation under the dataset's metric are kept (data/answers.py). Output: ShareGPT-4o-Reasoning rows.
+The teacher writes a rationale ending in "### Answer: X" for each short-answer QA record; a row is kept only when
+that answer matches the annotation under the dataset's metric. Out: ShareGPT-4o-Reasoning rows (CoT and direct).
 
     # the built-in offline teacher on the synthetic chart task (no network)
-    python distill.py --data data/train.jsonl --image-root data --out sft/cot.jsonl --teacher synthetic --with-direct
-    # GPT-4o (key from OPENAI_API_KEY), 32 requests in flight, a budget, the reference answer as a hint
-    python distill.py --data chartqa_train.jsonl --image-root images --out sft/chartqa.jsonl --teacher openai \\
-        --model gpt-4o-2024-05-13 --concurrency 32 --max-cost 50 --hint-answer --with-direct
-    # any OpenAI-compatible server (vLLM, SGLang, ...); --dry-run first to see the request count and the cost
-    python distill.py ... --teacher openai --base-url http://localhost:8000/v1 --model Qwen/Qwen2-VL-72B-Instruct
-    # the Batch API: half the price; rerun the same command to poll and ingest (the batch id is kept beside --out)
-    python distill.py ... --teacher openai --batch-api
+    python distill.py --data runs/syn/train.jsonl --image-root runs/syn --out runs/sft_data/cot.jsonl \
+        --teacher synthetic --with-direct
+    # GPT-4o (key from OPENAI_API_KEY): --dry-run first for the request count and the cost; --batch-api at half price
+    python distill.py --data chartqa_train.jsonl --image-root images --out runs/distill/chartqa.jsonl \
+        --teacher openai --model gpt-4o-2024-05-13 --concurrency 32 --max-cost 100 --with-direct --dry-run
 
-Beside OUT: OUT.dropped.jsonl (filtered rows and unreadable images, with the reason: the audit trail),
-OUT.failed.jsonl (requests that failed this run; a rerun retries them), OUT.batch.json (a Batch API job).
-Rerunning the same command resumes: ids already in OUT or OUT.dropped.jsonl are skipped, and every id is written
-once. A kill at any moment loses at most the requests in flight.
+Beside OUT: OUT.dropped.jsonl (the rows the filter dropped, with the reason), OUT.failed.jsonl (requests a rerun
+retries). Rerunning the same command resumes; a kill loses at most the requests in flight. Guide: docs/distill.md.
 """
 
 import asyncio
@@ -33,7 +28,7 @@ from tqdm import tqdm
 
 from common.chat_api import DEFAULT_URL, PRICES, Fatal, Health, RecordFailed, chat, scrub
 from common.cli import ArgumentParser, UserError, cli, number
-from common.manifest import check_files, claim, file_id
+from common.manifest import check_files, check_out_dir, claim, file_id
 from data.answers import grade
 from data.formats import Appender, done_ids, load_qa, read_jsonl, repair_tail
 from data.prompts import LETTERS, TEACHER_SYSTEM, family, model_prompt, teacher_prompt
@@ -373,10 +368,11 @@ def dry_run(records, args):
 
 
 def claim_out(args, act=True):
-    """--out is taken only by the same distillation (data, teacher and its settings; see common.claim): a rerun
+    """--out is taken only by the same distillation (data, teacher and its settings; see common/manifest.py): a rerun
     resumes it, another one is refused unless --overwrite, and a file distill.py did not write is never touched."""
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a directory; give the JSONL file to write")
+    check_out_dir(os.path.dirname(args.out) or ".")
     base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
     created = [args.out] + [base + s for s in (".dropped.jsonl", ".failed.jsonl", ".batch.json",
                                                ".batch.requests.jsonl")]

@@ -1,29 +1,19 @@
-"""Stage 4 (paper §6): evaluate a model in direct and CoT modes with each benchmark's own metric.
+"""Stage 4 (paper section 6): evaluate a model in direct and CoT modes with each benchmark's own metric.
 
-    python evaluate.py --model runs/sft/final --data runs/syn/test.jsonl runs/syn/test_holdout.jsonl \\
+    python evaluate.py --model runs/sft/final --data runs/syn/test.jsonl runs/syn/test_holdout.jsonl \
         --image-root runs/syn --mode both --out runs/eval/sft
-    # all GPUs of a node: the records are split across the processes, the predictions merged in record order
-    torchrun --nproc_per_node 8 evaluate.py --model llava-reasoner-dpo --data chartqa_test_human.jsonl \\
-        --image-root ChartQA/test --mode both --out eval/chartqa --batch-size 32 --workers 4
-    # real benchmarks: convert the released files first (python -m data.convert ...), one --image-root per run
-    python evaluate.py --model llava-reasoner-dpo --data chartqa_test_human.jsonl --image-root ChartQA/test \\
-        --mode both --out eval/chartqa --batch-size 32
-    # re-extract and re-score saved predictions with the current scorers, no generation
-    python evaluate.py --out eval/chartqa --rescore --data chartqa_test_human.jsonl
-    # DPO as a verifier (paper §5.5): 16 CoT samples per question from the SFT model, one answer picked from the
-    # first n = 1, 2, 4, 8, 16 by majority vote, best-of-n under beta * log(pi_dpo / pi_sft), reward-weighted voting
-    # and the SFT model's own likelihood
-    python evaluate.py --model runs/sft/final --data ... --image-root ... --out eval/rerank --mode cot \\
-        --rerank 16 --reward-model runs/dpo/final --reference runs/sft/final
+    # the paper's 8 benchmarks in one table (convert their files first: python -m data.convert NAME ...); one
+    # --image-root for all files or one per file, in order
+    torchrun --nproc_per_node 8 evaluate.py --model runs/8b/dpo/final --mode both --out eval/8b_dpo \
+        --data eval/chartqa_human.jsonl eval/docvqa.jsonl ... --image-root ChartQA/test DocVQA/val ...
+    # re-extract and re-score saved predictions; DPO as a verifier (paper section 5.5)
+    python evaluate.py --out runs/eval/sft --rescore
+    python evaluate.py --model runs/sft/final --data runs/syn/test.jsonl --image-root runs/syn --mode cot \
+        --out runs/eval/rerank --rerank 16 --reward-model runs/dpo/final --reference runs/sft/final
 
-Prompts: the question (+ lettered options), then the mode suffix our SFT rows use (data/prompts.py). CoT answers
-are read after the last "### Answer:" (a missing marker is a format failure, counted; the whole output is still
-scored), then scored by the benchmark's official scorer (data/scorers.py). Out: OUT/predictions.jsonl (one row
-per record and mode, in record order: prompt, raw output, extracted answer, score) and OUT/results.{md,json}
-(dataset x mode, and the plain average over datasets; then the paper's Table 3 layout, its "Avg" over its 8
-benchmarks). Under torchrun each process answers every world-th record (--rerank: batch) and appends to
-OUT/predictions.rank{R}.jsonl; rank 0 merges them into predictions.jsonl at the end. A rerun (any number of
-processes) skips the (record, mode) pairs already in the predictions file or a part file left by a killed run.
+Out: OUT/predictions.jsonl (prompt, output, extracted answer, score per record and mode) and OUT/results.{md,json}
+(dataset x mode with the average, and the paper's Table 3 row). Under torchrun each process answers a share and
+rank 0 merges; a rerun skips what is done. Guide: docs/evaluate.md.
 """
 
 import glob

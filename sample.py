@@ -1,24 +1,15 @@
-"""Stage 3a (paper §5.1): sample CoT answers from the SFT model, grade them, and build DPO pairs.
+"""Stage 3a (paper section 5.1): sample CoT answers from the SFT model, grade them, and build DPO pairs.
 
-    python sample.py --model runs/sft/final --data runs/syn/train.jsonl --image-root runs/syn --num-samples 32 \\
-        --temperature 1.0 --out runs/dpo/pairs.jsonl
-    torchrun --nproc_per_node 8 sample.py --model runs/sft/final --data chartqa_train.jsonl aokvqa_train.jsonl \\
-        --image-root images --num-samples 32 --out runs/dpo/pairs.jsonl
+    python sample.py --model runs/sft/final --data runs/syn/train.jsonl --image-root runs/syn --num-samples 12 \
+        --temperature 1.0 --out runs/dpo_data/pairs.jsonl
+    torchrun --nproc_per_node 8 sample.py --model runs/8b/sft/final --data chartqa_train.jsonl aokvqa_train.jsonl \
+        --image-root images --num-samples 32 --temperature 1.0 --out runs/8b/dpo_data/pairs.jsonl
 
-For each question: N CoT answers at temperature T from ONE shared prefill (model.generate(n=N)), each graded by its
-extracted answer under the dataset's metric; questions whose sample accuracy lies in [--min-acc, --max-acc]
-(paper: 0.25-0.85) give up to --pairs-per-question (correct, incorrect) pairs, drawn at random with a seed per
-question. Out: PAIRS in the released dpo_data format ({"id", "image", "question", "chosen", "rejected"} + the
-sampled accuracy), PAIRS.rft.jsonl (the chosen answers as SFT rows: the rejection-sampling baseline), and
-PAIRS.questions.jsonl (one line per question: accuracy, kept or why not; for the synthetic task also how many
-samples reach the right answer through a wrong step). On the synthetic task, whose records carry the chart's data,
---grade steps counts a sample correct only when its answer and every step of its rationale are right; its pairs
-carry the record's meta either way (train_dpo.py's token-reward page finds each rejected chain's first error).
-Each process samples every world-th batch of --batch-size questions into its own part files (PAIRS.rank<r>.jsonl
-...); rank 0 merges all parts in question order at the end: the same files, byte for byte, for any number of
-processes. Resumable: a rerun of the same command (any number of processes) skips the questions already logged;
-PAIRS.manifest.json records the model, data and flags, and a run with other ones is refused (--overwrite, or a new
---out); a file sampling did not write is never touched.
+N CoT answers per question from one shared prefill, each graded by its extracted answer; questions whose sample
+accuracy lies in [--min-acc, --max-acc] (paper: 0.25-0.85) give up to --pairs-per-question (correct, incorrect)
+pairs. Out: PAIRS (the released dpo_data format), PAIRS.rft.jsonl (the chosen answers as SFT rows, for the RFT
+baseline), PAIRS.questions.jsonl (a line per question). The same files for any number of processes; a rerun of the
+same command continues where a killed one stopped. Guide: docs/dpo.md.
 """
 
 import json
@@ -31,7 +22,7 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, UserError, add_dist_timeout, cli, number, progress
 from common.dist import Dist, dtype_of, print0
-from common.manifest import check_files, check_model_dir, claim, file_id, model_id
+from common.manifest import check_files, check_model_dir, check_out_dir, claim, file_id, model_id
 from data.answers import grade
 from data.formats import Appender, load_qa, read_jsonl, repair_tail
 from data.prompts import model_prompt
@@ -108,13 +99,17 @@ def part_paths(base, rank):
 def existing_ranks(base):
     folder, name = os.path.split(os.path.abspath(base))
     pattern = re.compile(re.escape(name) + r"\.questions\.rank(\d+)\.jsonl$")
-    return sorted(int(m.group(1)) for f in os.listdir(folder or ".") if (m := pattern.match(f)))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(m.group(1)) for f in names if (m := pattern.match(f)))
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_model_dir(args.model)
     check_files(args.data, "--data")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a directory; give the pairs file to write, e.g. {args.out}/pairs.jsonl")
+    check_out_dir(os.path.dirname(args.out) or ".")
     d = Dist(args.dist_timeout)
     records = load_qa(args.data)
     records = records[:args.limit] if args.limit else records
@@ -125,9 +120,6 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- outputs: claimed, repaired, what is done
     base = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
-    if os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a directory; give the pairs file to write, e.g. {args.out}/pairs.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     ranks = existing_ranks(base)
     created = [args.out, f"{base}.rft.jsonl", f"{base}.questions.jsonl", f"{base}.dev.jsonl"] + [
         p for r in ranks for p in part_paths(base, r).values()]
@@ -206,7 +198,7 @@ def main(argv=None):
                              seed=[question_seed(args.seed, r["id"]) for r in chunk]).tolist()
         for k, rec in enumerate(chunk):
             if str(rec["id"]) not in done:
-                handle(rec, out[k * n:(k + 1) * n], proc, eos, special, args, writers, stats)
+                grade_question(rec, out[k * n:(k + 1) * n], proc, eos, special, args, writers, stats)
                 bar.update(1)
     bar.close()
     for w in writers.values():
@@ -241,7 +233,7 @@ def drop_orphans(paths, done):
             os.replace(path + ".tmp", path)
 
 
-def handle(rec, samples, proc, eos, special, args, writers, stats):
+def grade_question(rec, samples, proc, eos, special, args, writers, stats):
     """Grade one question's samples, window it by accuracy, write its pairs, RFT rows and log line. The accuracy is
     over all N samples, as the paper grades them: a sample that never stops (or holds an image / control token)
     counts as wrong, but is never a rejected answer, since it is cut off rather than wrong in its reasoning. With

@@ -1,26 +1,21 @@
-"""Stage 3b (paper §5.2): DPO of the SFT model on its own graded samples, against the frozen SFT model.
+"""Stage 3b (paper section 5.2): DPO of the SFT model on its own graded samples, against the frozen SFT model.
 
-    python train_dpo.py --model runs/sft/final --pairs runs/dpo/pairs.jsonl --image-root runs/syn --out runs/dpo \\
-        --beta 0.1 --truncate-words 90 --lr 5e-6 --max-steps 100 --batch-size 8
-    # the paper's recipe on 8 GPUs: lr 5e-7, cosine, 3% warm-up, 1 epoch, global batch 32, vision tower and
-    # projector frozen, responses cut to 90 words; the reference precomputed so that training holds one model
-    torchrun --nproc_per_node 8 train_dpo.py --model runs/sft/final --pairs pairs.jsonl --image-root images \\
-        --out runs/dpo --fsdp --batch-size 1 --global-batch 32 --lr 5e-7 --epochs 1 --precompute-ref \\
-        --dev-pairs dev_pairs.jsonl --eval-every 100 --grad-checkpointing
+    python train_dpo.py --model runs/sft/final --pairs runs/dpo_data/pairs.jsonl --image-root runs/syn \
+        --out runs/dpo --beta 0.1 --lr 5e-6 --batch-size 8 --global-batch 8
+    # the paper's recipe on 8 GPUs: lr 5e-7, beta 0.1, global batch 32, responses cut to 90 words, vision tower and
+    # projector frozen; the reference precomputed, so that training holds one model
+    torchrun --nproc_per_node 8 train_dpo.py --model runs/8b/sft/final --pairs runs/8b/dpo_data/pairs.jsonl \
+        --image-root images --out runs/8b/dpo --fsdp --batch-size 1 --global-batch 32 --lr 5e-7 --precompute-ref \
+        --grad-checkpointing --save-every 500
 
-Loss: sigmoid DPO, -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]) with log-probs summed
-over the response tokens (kernels.token_logprobs), optional --label-smoothing (conservative DPO) and an SFT (RPO)
-term on the chosen answers (--sft-weight); chosen and rejected rows in one forward, the image encoded once per pair.
-The loss is the mean over all pairs of the global batch, whose composition depends on the seed alone.
-Checkpoints, --resume, DDP / FSDP2 and logs work as in train_sft.py. --audit-pairs N writes OUT/token_rewards.html:
-each token of N pairs coloured by its implicit reward beta * (log pi - log ref), and, for the synthetic task's
-pairs, how often a rejected chain's most negative token sits at its first wrong step (the paper's observation).
+Loss: -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]), log-probs summed over the response
+tokens, the mean over the global batch's pairs. The released pairs load as released. Checkpoints, --resume,
+SIGTERM, the non-finite stop and DDP / FSDP2 work as in train_sft.py; --audit-pairs N writes the token-reward page.
+Guide: docs/dpo.md.
 """
 
-import html
 import json
 import os
-import re
 import time
 from functools import partial
 
@@ -28,19 +23,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.cli import ArgumentParser, UserError, cli, number, progress
+from common.cli import ArgumentParser, cli, number, progress
 from common.dist import Dist, print0
 from common.manifest import check_files, check_model_dir, check_out_dir, file_id, model_id
 from common.metrics import Metrics, Skips, Timer
 from common.schedule import lr_factor, set_lr
 from data.collate import PairDataset, collate_pairs, per_sequence, truncate_words
 from data.formats import load_pairs
-from data.tasks import first_error_span
 from model import LlavaNext, Processor
-from training.checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
+from training.checkpoint import claim_run, grad_sync, link_final, load_for_training, save
 from training.guard import Guard
-from training.loop import (add_run_flags, autocast, clip_grad, loader, precision, rank_schedule, seed_all,
-                           set_base_lrs, to_device)
+from training.audit import audit
+from training.loop import (add_run_flags, autocast, clip_grad, loader, pair_logps, precision, rank_schedule,
+                           read_step, resume_optimizer, seed_all, step_plan)
 from training.memory import check_fits, gpu_bytes
 
 
@@ -132,12 +127,7 @@ def main(argv=None):
     dev_set = PairDataset(dev, processor, args.image_root, args.truncate_words, args.template, args.max_len)
     micro, world = args.batch_size, d.world
     accum = args.grad_accum or max(1, args.global_batch // (micro * world))
-    global_size = micro * world * accum
-    per_epoch = len(pairs) // global_size
-    if per_epoch == 0:
-        raise UserError(f"--pairs: {len(pairs)} pairs make no global batch of {global_size} "
-                        f"(--batch-size {micro} x {world} processes x {accum} accumulation)")
-    total = args.max_steps or max(1, int(args.epochs * per_epoch))
+    global_size, per_epoch, total = step_plan(len(pairs), micro, world, accum, args.max_steps, args.epochs, "--pairs")
     if args.grad_accum is None and global_size != args.global_batch:
         print0(f"warning: --global-batch {args.global_batch} is not a multiple of {micro} pairs x {world} processes: "
                f"each step takes {global_size} pairs")
@@ -148,38 +138,23 @@ def main(argv=None):
            f"reference {'precomputed' if args.precompute_ref else 'live'}")
     print0("config: " + json.dumps(vars(args)))
 
-    # ---------------------------------------------------------------- models
+    # ---------------------------------------------------------------- models, optimizer
     model, policy = load_for_training(resume or args.model, args, d, compute, partial(configure, args=args),
                                       weights=resume is None)
     collate = partial(collate_pairs, pack=pack, pad_id=0 if processor.image_token_id else 1)
-    ref_table = cached_reference_table(args, d) if args.precompute_ref else None
-    reference = None
-    if ref_table is None:              # the frozen SFT model, in the compute dtype, sharded like the policy
-        reference = load_for_training(args.model, args, d, compute, frozen=True)[0]
-    if args.precompute_ref and ref_table is None:
-        ref_table = reference_table(reference, [dataset, dev_set], collate, args, d, compute)
-        reference = None
-        if d.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    # ---------------------------------------------------------------- optimizer
+    reference, ref_table = load_reference(args, d, compute, [dataset, dev_set], collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"name": "llm", "params": params, "lr": args.lr}], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=d.device.type == "cuda" or None)
-    set_base_lrs(optimizer, {"llm": args.lr})
-    start = 0
-    if resume:
-        start = load_state(resume, policy, optimizer)["step"]
-        set_base_lrs(optimizer, {"llm": args.lr})
-        print0(f"resumed from {resume} at step {start}")
+    start = resume_optimizer(resume, policy, optimizer, {"llm": args.lr})
 
-    # ---------------------------------------------------------------- data order for this rank
+    # ---------------------------------------------------------------- this rank's batches
     schedule = rank_schedule(lengths, micro, world, accum, d.rank, args.seed, per_epoch, start, total)
     batches = loader(dataset, schedule, collate, args.workers, d.device)
 
     # ---------------------------------------------------------------- loop
     metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
-    skips, guard, timer, t0 = Skips(d), Guard(resume), Timer(), time.time()
+    skips, guard, timer, t0 = Skips(d), Guard(total, args.save_every, resume), Timer(), time.time()
     if same and d.main:                                 # counted once (every rank dropped the same pairs)
         skips.counts["chosen equals rejected (dropped at load)"] = same
     bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not d.main, dynamic_ncols=True)
@@ -187,36 +162,36 @@ def main(argv=None):
     for step in range(start, total):
         progress["at"] = f"step {step + 1} of {total}"
         micro_batches = [next(batches) for _ in range(accum)]
+        skips.add_batches(micro_batches)
         for mb in micro_batches:
-            skips.add(mb["skipped"])
-            if ref_table is not None:
-                add_reference(mb, ref_table, d)
+            add_reference(mb, ref_table, d)
 
-        # the loss is the mean over the global batch's pairs (and the SFT term over its chosen tokens): counted over
-        # all ranks before the first backward
-        counts = d.all_sum([sum(mb["n"] for mb in micro_batches), sum(len(mb["skipped"]) for mb in micro_batches),
-                            sum(mb.get("chosen_supervised", 0) for mb in micro_batches)]).tolist()
-        n_pairs, n_skipped, chosen_tokens = counts
+        # the loss is the mean over the global batch's pairs (the SFT term over its chosen tokens): counted on all ranks
+        n_pairs, n_skipped, chosen_tokens = d.all_sum([
+            sum(mb["n"] for mb in micro_batches), sum(len(mb["skipped"]) for mb in micro_batches),
+            sum(mb.get("chosen_supervised", 0) for mb in micro_batches)]).tolist()
+
+        # forward and backward of each micro-batch (chosen and rejected rows in one forward); DDP reduces once
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=d.device)
         for k, mb in enumerate(micro_batches):
-            with grad_sync(policy, k == accum - 1):       # DDP: one gradient all-reduce, after the last one
+            with grad_sync(policy, k == accum - 1):
                 sums += train_micro_batch(policy, reference, mb, d, compute, args, n_pairs, chosen_tokens, world)
 
-        # the step's one read from the GPU: the sums, the gradient norm, and whether any rank was sent SIGTERM
+        # the step's one read from the GPU: the metric sums, the gradient norm, any rank's SIGTERM
         gnorm = clip_grad(model, args.clip)
-        totals = d.all_sum(torch.cat([sums, torch.full((1,), guard.flag(), dtype=torch.float64, device=d.device)]))
-        *values, stop = totals.tolist()
-        gnorm = float(gnorm)
-        step_metrics = {name: v / max(n_pairs, 1.0) for name, v in zip(SUMS, values)}
+        totals, gnorm, stop = read_step(d, sums, gnorm, guard)
+        step_metrics = {name: v / max(n_pairs, 1.0) for name, v in zip(SUMS, totals)}
         if n_pairs > 0:
-            guard.check_finite(step + 1, total, step_metrics["loss"], gnorm)   # a non-finite step is never applied
+            guard.check_finite(step + 1, step_metrics["loss"], gnorm)       # a non-finite step is never applied
 
+        # the update
         set_lr(optimizer, lr_factor(step, total, args.warmup_ratio, args.min_lr_ratio))
         if n_pairs > 0:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
 
+        # log (and the dev pairs every --eval-every steps), checkpoint (on schedule, or SIGTERM: then stop)
+        bar.update(1)
         lr = optimizer.param_groups[0]["lr"]
         row = {"step": step + 1, **step_metrics, "lr": lr, "gnorm": gnorm, "pairs_s": n_pairs / timer.lap(),
                "time": time.time() - t0}
@@ -231,15 +206,8 @@ def main(argv=None):
             metrics.log(row)
             if d.main:
                 bar.write(step_line(row, total))
-
-        def save_now(step=step + 1):
-            return save(args, d, model, policy, optimizer, processor, step, save_dtype)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            guard.saved(save_now(), step + 1)
-        if stop > 0 and step + 1 < total:
-            bar.close()
-            metrics.close()
-            guard.preempted(step + 1, total, save_now)
+        guard.after_step(step + 1, stop, lambda step=step + 1: save(args, d, model, policy, optimizer, processor,
+                                                                    step, save_dtype))
     bar.close()
 
     # ---------------------------------------------------------------- save, dev, audit, summary
@@ -314,10 +282,27 @@ def train_micro_batch(policy, reference, mb, d, compute, args, n_pairs, chosen_t
                             pc.sum(), pr.sum()]).double()
 
 
+def load_reference(args, d, compute, datasets, collate):
+    """(the frozen reference model, or None; the table of its log-probs, or None). With --precompute-ref the table
+    (cached beside the checkpoints, or computed once over every pair, each rank a share) replaces the model while
+    training; else the frozen SFT model, in the compute dtype and sharded like the policy."""
+    table = cached_reference_table(args, d) if args.precompute_ref else None
+    if table is not None:
+        return None, table
+    reference = load_for_training(args.model, args, d, compute, frozen=True)[0]
+    if not args.precompute_ref:
+        return reference, None
+    table = reference_table(reference, datasets, collate, args, d, compute)
+    del reference
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None, table
+
+
 def add_reference(mb, table, d):
     """The precomputed reference log-probs of a batch's pairs, as mb["ref"] (2, B) on the host (pinned on CUDA, so
-    the copy to the GPU does not wait)."""
-    if mb["n"] == 0:
+    the copy to the GPU does not wait); nothing without a table."""
+    if table is None or mb["n"] == 0:
         return
     ref = torch.tensor([[table[i][0] for i in mb["ids"]], [table[i][1] for i in mb["ids"]]])
     mb["ref"] = ref.pin_memory() if d.device.type == "cuda" else ref
@@ -348,15 +333,6 @@ def step_line(row, total):
             + (f" | skipped {row['skipped']}" if row.get("skipped") else ""))
 
 
-def forward_logps(model, mb, d):
-    """(the batch on the device, per-position log-probs) of a pair batch (2B rows, or packed) through the model's
-    own forward; each image is encoded once for its chosen and rejected rows (image_repeat=2)."""
-    to = to_device(mb, d.device)
-    return to, model(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
-                     cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
-                     target_rows=to.get("target_rows"), image_repeat=2, keep_vision_in_graph=True)
-
-
 def policy_logps(policy, mb, d):
     """(chosen sums, rejected sums, summed log-prob of all chosen tokens) for one micro-batch."""
     if mb["n"] == 0:                                   # nothing here: still take part in the collectives
@@ -364,7 +340,7 @@ def policy_logps(policy, mb, d):
         lp = policy(ids, targets=torch.full_like(ids, -100), keep_vision_in_graph=True)
         z = lp.sum()
         return z[None][:0], z[None][:0], z
-    to, lp = forward_logps(policy, mb, d)
+    to, lp = pair_logps(policy, mb, d)
     seq = per_sequence(lp, to)
     B = mb["n"]
     return seq[:B], seq[B:], seq[:B].sum()
@@ -382,7 +358,7 @@ def ref_logps(reference, mb, d, like):
         ref = mb["ref"].to(like.device, dtype=like.dtype, non_blocking=True)
         return ref[0], ref[1]
     with torch.no_grad():
-        to, lp = forward_logps(reference, mb, d)
+        to, lp = pair_logps(reference, mb, d)
         seq = per_sequence(lp, to)
     return seq[:mb["n"]], seq[mb["n"]:]
 
@@ -446,8 +422,7 @@ def evaluate_pairs(policy, reference, table, dataset, collate, args, d, compute)
     policy.eval()
     sums, n = torch.zeros(len(DEV), dtype=torch.float64, device=d.device), 0
     for mb in shares(dataset, collate, args, d):
-        if table is not None:
-            add_reference(mb, table, d)
+        add_reference(mb, table, d)
         with torch.no_grad(), autocast(d, compute):
             pc, pr, _ = policy_logps(policy, mb, d)
             rc, rr = ref_logps(reference, mb, d, pc)
@@ -459,99 +434,6 @@ def evaluate_pairs(policy, reference, table, dataset, collate, args, d, compute)
     *values, total = d.all_sum(torch.cat([sums, torch.full((1,), float(n), dtype=torch.float64,
                                                            device=d.device)])).tolist()
     return {name: v / max(total, 1.0) for name, v in zip(DEV, values)}
-
-
-def error_window(meta, toks, processor):
-    """The token indexes of a rejected chain's first error, and the one token right after it: the first wrong step
-    of its rationale (data.tasks.first_error_span), or its answer when every step checks. None when neither is
-    found. toks: the response's token ids as DPO trained on them; each token's characters come from decoding the
-    prefixes, so the window is found in the very text the tokens spell."""
-    text = processor.decode(toks, skip_special_tokens=False)
-    span = first_error_span(meta, text)
-    if span is None:
-        marker = re.search(r"#+\s*answer\s*:", text, re.IGNORECASE)
-        if marker is None:
-            return None
-        span = (marker.start(), len(text))
-    ends = [len(processor.decode(toks[:j + 1], skip_special_tokens=False)) for j in range(len(toks))]
-    starts = [e - len(processor.decode(toks[j:j + 1], skip_special_tokens=False)) for j, e in enumerate(ends)]
-    inside = [j for j in range(len(toks)) if starts[j] < span[1] and ends[j] > span[0]]
-    after = next((j for j in range(len(toks)) if starts[j] >= span[1]), None)
-    window = inside + ([after] if after is not None and after not in inside else [])
-    return window or None
-
-
-def audit(policy, reference, dataset, collate, args, d, compute, processor, shown=12):
-    """OUT/token_rewards.html: the implicit reward beta * (log pi - log ref) of every response token of the first
-    --audit-pairs pairs (the first `shown` of them drawn, green above 0, red below). The paper finds a wrong chain's
-    reward concentrating on its first error; for pairs carrying the synthetic chart's data (sample.py writes it) the
-    page counts the rejected chains whose most negative token lies at or right after their first error
-    (error_window), against the share a token drawn at random would hit. OUT/token_rewards.json keeps the counts."""
-    policy.eval()
-    pages, hits, chance, checked = [], 0, 0.0, 0
-    n = min(args.audit_pairs, len(dataset))
-    for b in range(0, n, 16):
-        mb = collate([dataset[i] for i in range(b, min(n, b + 16))])
-        if mb["n"] == 0:
-            continue
-        with torch.no_grad(), autocast(d, compute):
-            to, lp_pol = forward_logps(policy, mb, d)
-            _, lp_ref = forward_logps(reference, mb, d)
-        rewards, tgt = (args.beta * (lp_pol - lp_ref)).float().cpu(), to["targets"].cpu()
-        metas = {key: p.get("meta") for p, key in dataset.pairs[b:b + 16]}
-        for k, pid in enumerate(mb["ids"]):
-            sides = []
-            for row, side in ((k, "chosen"), (mb["n"] + k, "rejected")):
-                if "cu_seqlens" in to:
-                    lo, hi = to["cu_seqlens"][row].item(), to["cu_seqlens"][row + 1].item()
-                    t, r = tgt[0, lo:hi], rewards[0, lo:hi]
-                else:
-                    t, r = tgt[row], rewards[row]
-                keep = t != -100
-                sides.append((side, t[keep].tolist(), r[keep].tolist()))
-            _, toks, rs = sides[1]
-            window = error_window(metas[pid], toks, processor) if metas.get(pid) and toks else None
-            if window is not None:
-                checked += 1
-                hits += min(range(len(rs)), key=rs.__getitem__) in window
-                chance += len(window) / len(toks)
-            if len(pages) < shown:
-                pages.append((pid, sides, window))
-    summary = {"pairs": n, "rejected_checked": checked, "min_at_first_error": hits,
-               "share": hits / checked if checked else None, "chance": chance / checked if checked else None}
-    if d.main:
-        scale = max((abs(x) for _, sides, _ in pages for _, _, rs in sides for x in rs), default=1.0) or 1.0
-        out = ["<html><head><meta charset='utf-8'><title>token rewards</title><style>body{font-family:sans-serif;"
-               "max-width:60em} .t{white-space:pre-wrap;border-radius:3px} .e{border-bottom:2px solid black}"
-               "</style></head><body>",
-               f"<h2>Implicit reward per token, beta * (log pi - log ref), beta = {args.beta}</h2>"]
-        if checked:
-            out.append(f"<p>Of {checked} rejected chains with the chart's data (of the first {n} pairs), "
-                       f"<b>{hits} ({100 * hits / checked:.0f}%)</b> have their most negative token at or right after "
-                       f"their first error (the first wrong step, or the answer when every step checks; underlined "
-                       f"below); a token drawn at random would land there {100 * chance / checked:.0f}% of the "
-                       f"time.</p>")
-        for pid, sides, window in pages:
-            out.append(f"<h3>{html.escape(pid)}</h3>")
-            for side, toks, rs in sides:
-                spans = []
-                for j, (t, r) in enumerate(zip(toks, rs)):
-                    a = min(1.0, abs(r) / scale)
-                    color = f"rgba(0,160,0,{a:.2f})" if r > 0 else f"rgba(220,0,0,{a:.2f})"
-                    mark = " e" if side == "rejected" and window and j in window else ""
-                    spans.append(f"<span class='t{mark}' style='background:{color}' title='{r:+.4f}'>"
-                                 f"{html.escape(processor.decode([t], skip_special_tokens=False))}</span>")
-                out.append(f"<p><b>{side}</b> (sum {sum(rs):+.3f}): " + " ".join(spans) + "</p>")
-        out.append("</body></html>")
-        with open(os.path.join(args.out, "token_rewards.html"), "w") as f:
-            f.write("\n".join(out))
-        with open(os.path.join(args.out, "token_rewards.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"wrote {os.path.join(args.out, 'token_rewards.html')}" + (
-            f"; most negative token at the first error in {hits} of {checked} rejected chains "
-            f"({100 * hits / checked:.0f}%, chance {100 * chance / checked:.0f}%)" if checked else ""))
-    policy.train()
-    return summary
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
-"""Stage 2 (paper §4): supervised fine-tuning of LLaVA-NeXT on CoT + direct rows.
+"""Stage 2 (paper section 4): supervised fine-tuning of LLaVA-NeXT on CoT + direct rows.
 
-    # one process (CPU, or one GPU)
-    python train_sft.py --model runs/base --data runs/sft/cot.jsonl --image-root runs/syn --out runs/sft \\
-        --max-steps 300 --batch-size 16 --lr 1e-3
-    # 8 GPUs, the paper's recipe for llama3-llava-next-8b: FSDP2, bf16, packed sequences, 1 epoch, batch 4 x 8 = 32,
-    # LLM lr 5e-6, vision tower 5e-7, cosine with 3% warm-up
-    torchrun --nproc_per_node 8 train_sft.py --model llama3-llava-next-8b-hf --image-root image_data --out runs/sft \\
-        --data sft_data/*/cot.none.jsonl sft_data/*/direct.none.jsonl --fsdp --batch-size 4 --lr 5e-6 \\
-        --vision-lr 5e-7 --epochs 1 --warmup-ratio 0.03 --grad-checkpointing --save-every 2000
-    # several nodes: the same command on each, with a rendezvous
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_sft.py ...
-    # find bad rows and images before paying for GPUs
-    python train_sft.py --model ... --data ... --image-root ... --out ... --check-data
+    # one process (CPU, or one GPU); --check-data first reads every row and image and reports what it would skip
+    python train_sft.py --model demo/base_model --data runs/sft_data/cot.jsonl --image-root runs/syn --out runs/sft \
+        --max-steps 300 --batch-size 16 --lr 1e-3 --freeze-vision
+    # 8 GPUs, the paper's recipe (FSDP2, bf16, packed, 1 epoch, global batch 32, LLM lr 5e-6, vision tower 5e-7)
+    torchrun --nproc_per_node 8 train_sft.py --model llama3-llava-next-8b-hf --image-root image_data \
+        --out runs/8b/sft --data sft_data/*/*.jsonl --fsdp --batch-size 4 --lr 5e-6 --vision-lr 5e-7 --epochs 1 \
+        --grad-checkpointing --save-every 500
 
-Checkpoints (every --save-every steps and at the end) hold the sharded training state (weights, optimizer, RNG:
---resume continues bit for bit, on any number of processes) and, at the end and every --save-hf-every steps, the
-Hugging Face weights that LlavaNext.from_pretrained and transformers load. OUT/final points at the last one.
+Checkpoints hold the sharded training state (--resume continues bit for bit, on any number of processes) and, at the
+end and every --save-hf-every steps, the Hugging Face weights; OUT/final points at the last. SIGTERM: the step ends,
+a checkpoint is written, exit 143; a non-finite loss stops the run before its step. Guides: docs/sft.md, and
+docs/real-scale.md for the paper's whole mixture and several nodes.
 """
 
 import json
@@ -27,7 +23,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from common.cli import ArgumentParser, UserError, cli, number, progress
+from common.cli import ArgumentParser, cli, number, progress
 from common.dist import Dist, print0
 from common.manifest import check_files, check_model_dir, check_out_dir, file_id, model_id
 from common.metrics import Metrics, Skips, Timer, peak_flops
@@ -35,10 +31,10 @@ from common.schedule import lr_factor, set_lr
 from data.collate import SFTDataset, Skip, collate, estimate_length, histogram, load_rows, per_sequence
 from data.tokenizer import unknown_words
 from model import LlavaNext, Processor
-from training.checkpoint import claim_run, grad_sync, link_final, load_for_training, load_state, save
+from training.checkpoint import claim_run, grad_sync, link_final, load_for_training, save
 from training.guard import Guard
-from training.loop import (add_run_flags, autocast, clip_grad, loader, precision, rank_schedule, seed_all,
-                           set_base_lrs, to_device)
+from training.loop import (add_run_flags, autocast, clip_grad, loader, precision, rank_schedule, read_step,
+                           resume_optimizer, seed_all, step_plan, to_device)
 from training.memory import check_fits, gpu_bytes
 
 
@@ -110,12 +106,7 @@ def main(argv=None):
         return check_data(dataset, args)
     warn_unknown_words(rows, processor, d)
     micro, world, accum = args.batch_size, d.world, args.grad_accum
-    global_size = micro * world * accum
-    per_epoch = len(rows) // global_size
-    if per_epoch == 0:
-        raise UserError(f"--data: {len(rows)} rows make no global batch of {global_size} "
-                        f"(--batch-size {micro} x {world} processes x --grad-accum {accum})")
-    total = args.max_steps or max(1, int(args.epochs * per_epoch))
+    global_size, per_epoch, total = step_plan(len(rows), micro, world, accum, args.max_steps, args.epochs, "--data")
     resume = claim_run(args, d, run_fields(args, global_size, total, compute, pack))
     lengths = cached_lengths(rows, processor, args, d)
     print0(f"{len(rows)} rows | global batch {global_size} = {micro} per micro-batch x {world} processes x {accum} "
@@ -123,23 +114,15 @@ def main(argv=None):
            f"| loss: mean over {'supervised tokens' if args.loss_mean == 'token' else 'samples'}")
     print0("config: " + json.dumps(vars(args)))
 
-    # ---------------------------------------------------------------- model
+    # ---------------------------------------------------------------- model, optimizer
     model, wrapped = load_for_training(resume or args.model, args, d, compute, partial(configure, args=args),
                                        weights=resume is None)
     groups = param_groups(model, args)            # after sharding: FSDP2 replaces the parameters with shards
-
-    # ---------------------------------------------------------------- optimizer
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   fused=d.device.type == "cuda" or None)
-    base_lrs = {g["name"]: g["lr"] for g in groups}
-    set_base_lrs(optimizer, base_lrs)
-    start = 0
-    if resume:
-        start = load_state(resume, wrapped, optimizer)["step"]
-        set_base_lrs(optimizer, base_lrs)
-        print0(f"resumed from {resume} at step {start} (resharded onto {world} process(es) if saved by another count)")
+    start = resume_optimizer(resume, wrapped, optimizer, {g["name"]: g["lr"] for g in groups})
 
-    # ---------------------------------------------------------------- data order for this rank
+    # ---------------------------------------------------------------- this rank's batches
     schedule = rank_schedule(lengths, micro, world, accum, d.rank, args.seed, per_epoch, start, total,
                              group_by_length=not args.no_group_by_length)
     pad_id = 0 if processor.image_token_id != 0 else 1
@@ -147,80 +130,58 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- loop
     metrics = Metrics(os.path.join(args.out, "metrics.jsonl"), d, resume_step=start)
-    skips, guard, timer, t0 = Skips(d), Guard(resume), Timer(), time.time()
-    truncated, tokens_total, loss = 0, 0, float("nan")
-    flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    peak = peak_flops(d.device)
+    skips, guard, timer, t0 = Skips(d), Guard(total, args.save_every, resume), Timer(), time.time()
+    speed = Speed(model, d)
+    loss = float("nan")
     bar = tqdm(total=total, initial=start, desc="sft", unit="step", disable=not d.main, dynamic_ncols=True)
     wrapped.train()
     for step in range(start, total):
         progress["at"] = f"step {step + 1} of {total}"
         micro_batches = [next(batches) for _ in range(accum)]
-        for mb in micro_batches:
-            skips.add(mb["skipped"])
-            truncated += mb["truncated"]
-            tokens_total += mb.get("tokens", 0)
+        skips.add_batches(micro_batches)
 
-        # the loss is a mean over the whole global batch: its supervised tokens (or its samples), counted over all
-        # ranks before the first backward (x world undoes DDP's and FSDP's gradient averaging)
-        count_key = "supervised" if args.loss_mean == "token" else "n"
-        counts = d.all_sum([sum(mb.get(count_key, 0) for mb in micro_batches),
-                            sum(mb.get("tokens", 0) for mb in micro_batches)]).tolist()
-        denominator, tokens = counts
-        loss_sum = torch.zeros((), device=d.device)
+        # the loss is a mean over the whole global batch: count its supervised tokens (or samples) on all ranks
+        count = "supervised" if args.loss_mean == "token" else "n"
+        denominator, tokens = d.all_sum([sum(mb.get(count, 0) for mb in micro_batches),
+                                         sum(mb.get("tokens", 0) for mb in micro_batches)]).tolist()
+
+        # forward and backward of each micro-batch; DDP reduces the gradients once, after the last one
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
         for k, mb in enumerate(micro_batches):
-            with grad_sync(wrapped, k == accum - 1):       # DDP: one gradient all-reduce, after the last one
+            with grad_sync(wrapped, k == accum - 1):
                 loss_sum += train_micro_batch(wrapped, mb, d, compute, args.loss_mean, denominator, world)
 
-        # the step's one read from the GPU: loss, gradient norm, and whether any rank was sent SIGTERM
+        # the step's one read from the GPU: the loss, the gradient norm, any rank's SIGTERM
         gnorm = clip_grad(model, args.clip)
-        loss, stop = d.all_sum(torch.stack([loss_sum.double(), torch.full_like(loss_sum, guard.flag(),
-                                                                                 dtype=torch.float64)])).tolist()
-        gnorm = float(gnorm)
-        if denominator > 0:
-            guard.check_finite(step + 1, total, loss, gnorm)   # a non-finite step is never applied
-        else:
-            loss = float("nan")                        # nothing trained: no loss (a 0 would read as a perfect step)
+        (loss,), gnorm, stop = read_step(d, loss_sum[None], gnorm, guard)
+        trained = denominator > 0
+        if trained:
+            guard.check_finite(step + 1, loss, gnorm)      # a non-finite step is never applied
 
+        # the update
         set_lr(optimizer, lr_factor(step, total, args.warmup_ratio, args.min_lr_ratio))
-        if denominator > 0:
+        if trained:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
 
-        dt = timer.lap()
-        lr = optimizer.param_groups[0]["lr"]
-        if denominator == 0:                       # every sample of the step was skipped: no loss to report
+        # log, checkpoint (on schedule, or SIGTERM: then stop)
+        bar.update(1)
+        if not trained:                                # every sample of the step was skipped: no loss to report
+            loss = float("nan")
             n_skipped = int(d.all_sum(sum(len(mb["skipped"]) for mb in micro_batches)).item())
-            metrics.log({"step": step + 1, "skipped": n_skipped, "lr": lr})
+            metrics.log({"step": step + 1, "skipped": n_skipped, "lr": optimizer.param_groups[0]["lr"]})
             if d.main:
-                bar.write(f"step {step + 1}/{total} | no sample trained: all {n_skipped} skipped (see the "
-                          f"warnings) | lr {lr:.1e}")
+                bar.write(f"step {step + 1}/{total} | no sample trained: all {n_skipped} skipped (see the warnings)")
         elif (step + 1) % args.log_every == 0 or step + 1 == total:
-            row = {"step": step + 1, "loss": loss, "lr": lr, "gnorm": gnorm, "tok_s": tokens / dt,
-                   "time": time.time() - t0}
+            row = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "gnorm": gnorm,
+                   "time": time.time() - t0, **speed.of(tokens, timer.lap())}
             if args.loss_mean == "token":
                 row["supervised_tokens"] = denominator
-            line = (f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.1e} | gnorm {gnorm:.2f} | "
-                    f"tok/s {tokens / dt:,.0f}")
-            if d.device.type == "cuda":
-                row["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                line += f" | mem {row['mem_gib']:.1f}GiB"
-                if peak:
-                    row["mfu"] = flops_per_token * tokens / dt / (peak * world)
-                    line += f" | mfu {100 * row['mfu']:.1f}%"
             metrics.log(row)
             if d.main:
-                bar.write(line)
-
-        def save_now(step=step + 1):
-            return save(args, d, model, wrapped, optimizer, processor, step, save_dtype)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            guard.saved(save_now(), step + 1)
-        if stop > 0 and step + 1 < total:
-            bar.close()
-            metrics.close()
-            guard.preempted(step + 1, total, save_now)
+                bar.write(step_line(row, total))
+        guard.after_step(step + 1, stop, lambda step=step + 1: save(args, d, model, wrapped, optimizer, processor,
+                                                                    step, save_dtype))
     bar.close()
 
     # ---------------------------------------------------------------- save, summary
@@ -229,12 +190,11 @@ def main(argv=None):
         final = save(args, d, model, wrapped, optimizer, processor, total, save_dtype, final=True)
     metrics.close()
     skipped = skips.total()
-    skipped["truncated to --max-len (kept)"] = int(d.all_sum(truncated).item())
     if d.main:
         link = link_final(args.out, final)
         png = metrics.plot(os.path.join(args.out, "loss.png"), title="SFT loss")
-        print(f"done: {total - start} steps in {time.time() - t0:.0f}s, final loss {loss:.4f}, {tokens_total:,} "
-              f"tokens on rank 0; model {link}{'; ' + png if png else ''}")
+        print(f"done: {total - start} steps in {time.time() - t0:.0f}s, final loss {loss:.4f}; model {link}"
+              + (f"; {png}" if png else ""))
         if any(skipped.values()):
             print("samples not trained on (or cut): " + ", ".join(f"{k}: {v}" for k, v in skipped.items() if v))
     d.close()
@@ -242,6 +202,34 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+class Speed:
+    """Throughput of a step: tokens per second, and on CUDA the peak memory and the model FLOPs utilisation (6 FLOPs
+    per parameter per token, the embedding excluded, against the GPU's dense bf16 peak)."""
+
+    def __init__(self, model, d):
+        self.d, self.peak = d, peak_flops(d.device)
+        self.flops_per_token = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+    def of(self, tokens, seconds):
+        out = {"tok_s": tokens / seconds}
+        if self.d.device.type == "cuda":
+            out["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if self.peak:
+                out["mfu"] = self.flops_per_token * tokens / seconds / (self.peak * self.d.world)
+        return out
+
+
+def step_line(row, total):
+    """The one-line log of a step."""
+    line = (f"step {row['step']}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.1e} | gnorm {row['gnorm']:.2f} | "
+            f"tok/s {row['tok_s']:,.0f}")
+    if "mem_gib" in row:
+        line += f" | mem {row['mem_gib']:.1f}GiB"
+    if "mfu" in row:
+        line += f" | mfu {100 * row['mfu']:.1f}%"
+    return line
+
 
 def configure(model, args):
     """Which parts train (before sharding: FSDP2 needs to know), and activation checkpointing."""

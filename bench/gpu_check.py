@@ -87,6 +87,7 @@ def kernels_env(mode):
 
 
 def stage_env(ctx):
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     import torch
     import triton
     name = "cpu (dry run)" if ctx.dry else torch.cuda.get_device_name()
@@ -118,6 +119,7 @@ def judge(label, ours, same, oracle, names, factors):
 
 
 def _attention_case(ctx, label, B, T, H, Hkv, D, causal, lengths=None):
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     import torch
     from bench.kernels_bench import expand, sdpa
     from kernels.attention import attention_triton
@@ -183,6 +185,7 @@ def _attention_case(ctx, label, B, T, H, Hkv, D, causal, lengths=None):
 
 def stage_attention_correct(ctx):
     """bf16 attention at real shapes against SDPA-flash and an fp32 oracle (every config at the first shape)."""
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     from bench.kernels_bench import VARLEN_LENGTHS
     if ctx.dry:
         cases = [("*padded causal GQA 4/2 d64 T=150", 1, 150, 4, 2, 64, True, None),
@@ -202,6 +205,7 @@ def stage_attention_correct(ctx):
 
 def stage_logprobs_correct(ctx):
     """token_logprobs at V = 128,256 against the naive bf16 path and an fp32 oracle, arbitrary upstream grads."""
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     import torch
     import kernels
     from kernels.logprobs import token_logprobs_ref
@@ -238,6 +242,7 @@ def stage_dispatch(ctx):
     attention, CLIP's, the log-probs at V = 128,256), a Triton launch that fails falling back to SDPA without ending
     the run, and the SFT and DPO micro-batches of a model with fp32 weights under bf16 autocast: one dtype at every
     attention call (a Triton backward rejects bf16 x fp32) and, on CUDA, no host sync (sync debug mode "error")."""
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     import torch
     import kernels
     from kernels import tuning
@@ -297,6 +302,7 @@ def _micro_batches(ctx):
     """train_sft.py's and train_dpo.py's micro-batch (forward + backward) on a small model with fp32 weights under
     bf16 autocast (fp32 under --dry: CPU autocast runs no Triton), with kernels.attention spied on for its dtypes;
     on CUDA inside torch.cuda.set_sync_debug_mode("error"), which raises at any host sync."""
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     from types import SimpleNamespace
     import torch
     import kernels
@@ -368,6 +374,7 @@ def _micro_batches(ctx):
 
 
 def stage_attention_bench(ctx):
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     from bench.kernels_bench import VARLEN_LENGTHS, attention_bench
     if ctx.dry:
         shapes = [("causal GQA 4/2 d32 T=64", 1, 64, 4, 2, 32, True, None),
@@ -393,6 +400,7 @@ def stage_attention_bench(ctx):
 
 
 def stage_logprobs_bench(ctx):
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     from bench.kernels_bench import logprobs_bench
     sizes = [(64, 64, 2000)] if ctx.dry else [(n, 4096, 128256) for n in ([4096] if ctx.quick else [4096, 16384])]
     rows = []
@@ -413,6 +421,7 @@ def stage_logprobs_bench(ctx):
 
 
 def stage_sft(ctx):
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     from bench.sft_speed import GPU_CONFIG, TINY_CONFIG, step_bench
     if ctx.dry:
         with kernels_env("ref" if ctx.dry else "auto"):
@@ -429,6 +438,7 @@ def stage_sft(ctx):
 
 
 def stage_dpo(ctx):
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     from bench import dpo_speed
     with kernels_env("ref" if ctx.dry else "auto"):
         r = dpo_speed.main(["--smoke", "--steps", "1"] if ctx.dry else ["--steps", "3" if ctx.quick else "6"])
@@ -439,6 +449,7 @@ def stage_dpo(ctx):
 def stage_sampling(ctx):
     """Sampling at 8B shapes: 8 prompts of ~3k tokens x 32 samples x 256 tokens, decode tokens/s and peak memory,
     the in-place KV cache against the implementation before it (from git history, when present)."""
+    # imported here: each stage runs in a child of its own, and a module it cannot import fails that stage
     from bench import generate_speed
     r = generate_speed.gpu(smoke=ctx.dry)
     rows = [Row("sampling decode, 8B-shaped 4 layers, 8 x 3k-token prompts x 32 samples", f"{r['after']:,.0f} tok/s, "
@@ -602,7 +613,7 @@ def report(results, elapsed):
     print("| stage | goal | measured | verdict |\n|---|---|---|---|")
     for name, r in results:
         print(f"| {name} | {r.goal} | {r.measured} | {verdict(r)} |")
-    from kernels import tuning
+    from kernels import tuning              # (here: the parent imports no project module until the report)
     cached = tuning.disk_cache()
     paths = {k: v for k, v in cached.items() if "|path|" in k}
     if paths:

@@ -22,6 +22,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from safetensors.torch import save_file  # noqa: E402
+from model import LlavaNext, LlavaNextConfig  # noqa: E402
+from model.weights import TO_HUB, rename  # noqa: E402
 
 CONFIG = {
     "model_type": "llava_next", "image_token_index": 31999, "vision_feature_layer": -2,
@@ -100,9 +103,6 @@ def sharded(path, procs):
 
 def write_checkpoint(path):
     """Random bf16 weights, written shard by shard so the writer never holds the whole model."""
-    from safetensors.torch import save_file
-    from model import LlavaNext, LlavaNextConfig
-    from model.weights import TO_HUB, rename
     os.makedirs(path, exist_ok=True)
     with torch.device("meta"):
         model = LlavaNext(LlavaNextConfig.from_dict(CONFIG))

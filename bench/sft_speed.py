@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.model_speed import CONFIG, make_batch  # noqa: E402
+from common.metrics import peak_flops  # noqa: E402
 from model import LlavaNext, LlavaNextConfig  # noqa: E402
 from model.anyres import num_crops, num_image_tokens  # noqa: E402
 
@@ -142,7 +143,6 @@ def step_bench(config=GPU_CONFIG, samples=4, text=600, steps=10, device="cuda"):
     attn = 6 * tc.num_hidden_layers * tc.num_attention_heads * tc.head_dim * sum(x * x for x in lens) + \
         12 * vc.num_hidden_layers * vc.hidden_size * samples * crops * (vc.grid ** 2 + 1) ** 2
     flops = 6 * (n_text * tokens + n_head * supervised + n_vision * patches) + attn
-    from common.metrics import peak_flops
     peak = peak_flops(dev)
     return dict(ms=dt * 1e3, tok_s=tokens / dt, tokens=tokens, supervised=supervised, params=sum(
         p.numel() for p in params.values()), text_params=n_text, tflops=flops / dt / 1e12,

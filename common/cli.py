@@ -40,7 +40,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         rng = getattr(action.type, "range_text", None)
         if rng:
             extra.append(rng)
-        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and "%(default)" not in text:
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "%(default)" not in text:
             extra.append("default: %(default)s")
         return f"{text} ({'; '.join(extra)})" if extra else text
 

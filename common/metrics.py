@@ -66,11 +66,20 @@ class Metrics:
 
 
 class Skips:
-    """Samples not trained on, counted by reason. The first of each reason is announced by the rank that met it
-    (the others are counted); total() sums the counts over all ranks for the end-of-run summary."""
+    """Samples not trained on, counted by reason (and those cut to --max-len). The first of each reason is announced
+    by the rank that met it (the others are counted); total() sums the counts over all ranks for the end-of-run
+    summary."""
 
     def __init__(self, d):
         self.d, self.counts = d, {}
+
+    def add_batches(self, batches):
+        """Count the skipped and the truncated samples of collated batches."""
+        for mb in batches:
+            self.add(mb["skipped"])
+            if mb.get("truncated"):
+                key = "truncated to --max-len (kept)"
+                self.counts[key] = self.counts.get(key, 0) + mb["truncated"]
 
     def add(self, skipped):
         for reason, where in skipped:

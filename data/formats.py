@@ -31,7 +31,11 @@ def read_jsonl(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise FormatError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                body = line.rstrip()
+                if e.pos >= len(body) or e.msg.startswith("Unterminated string"):     # the text ran out first
+                    raise FormatError(f"{path}:{n}: the line ends (column {len(body)}) before its JSON object does: "
+                                      "cut off, e.g. by a killed run or a partial copy") from None
+                raise FormatError(f"{path}:{n}: not valid JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise FormatError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             yield n, obj

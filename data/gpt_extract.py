@@ -5,8 +5,9 @@ It follows lupantech/MathVista, evaluation/extract_answer.py, extract_answer: th
 an integer answer int() accepts and a float answer float() accepts are taken without a request; every other
 response goes to the model with the official few-shot prompt (prompts/ext_ans.py) followed by the problem's query
 and the response, at temperature 0. Requests go through the client and retry code distillation uses
-(common/chat_api.py). Without --gpt-confirm only the request count and the estimated cost are printed; nothing is sent. Extractions are kept in
-the prediction rows ("extraction", "extractor"), so a later rescore neither resends nor pays again.
+(common/chat_api.py). Without --gpt-confirm only the request count and the estimated cost are printed; nothing is
+sent. Extractions are kept in the prediction rows ("extraction", "extractor"), so a later rescore neither resends
+nor pays again.
 """
 
 import asyncio

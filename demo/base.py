@@ -26,6 +26,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from data.prompts import COT_MC, COT_OPEN, DIRECT_MC, DIRECT_OPEN  # noqa: E402
+from data.synthetic import FAMILIES, ask, make_chart, solve, teacher  # noqa: E402
+from data.tokenizer import build_word_tokenizer  # noqa: E402
+from model import ImageProcessor, LlavaNext, LlavaNextConfig, Processor  # noqa: E402
 
 BASE_FAMILIES = ["caption", "caption", "lookup", "max_label"]    # half captions: four readings per sample
 
@@ -56,8 +60,6 @@ def run(cmd, env=None):
 
 def corpus(seed):
     """Every text the demo's stages will write (all question families, CoT and direct), for the vocabulary."""
-    from data.prompts import COT_MC, COT_OPEN, DIRECT_MC, DIRECT_OPEN
-    from data.synthetic import FAMILIES, ask, make_chart, solve, teacher
     rng = random.Random(seed)
     texts = [COT_OPEN, COT_MC, DIRECT_OPEN, DIRECT_MC, "### Answer:", "yes no", "< > ?"]
     for i in range(3000):
@@ -73,8 +75,6 @@ def corpus(seed):
 
 def build_initial(path, seed):
     """Tokenizer + randomly initialised model + processor, as an HF directory."""
-    from data.tokenizer import build_word_tokenizer
-    from model import ImageProcessor, LlavaNext, LlavaNextConfig, Processor
     os.makedirs(path, exist_ok=True)
     tok = build_word_tokenizer(corpus(seed), os.path.join(path, "tokenizer.json"), max_number=100)
     d = json.loads(json.dumps(MODEL))

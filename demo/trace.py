@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 import distill  # noqa: E402
 import sample  # noqa: E402
-import train_dpo  # noqa: E402
+from training.loop import pair_logps  # noqa: E402
 from common.cli import ArgumentParser, UserError, cli  # noqa: E402
 from common.dist import Dist  # noqa: E402
 from data.answers import grade  # noqa: E402
@@ -142,7 +142,7 @@ def main(argv=None):
               f"outside the window [{flags['min_acc']}, {flags['max_acc']}]: the question gives no pairs")
     if flags.get("grade") == "steps":
         window += " (graded by every step: `--grade steps`)"
-    out += [f"### {n} samples from the SFT model (arm 4) at T = {flags['temperature']} (`sample.py:handle`)",
+    out += [f"### {n} samples from the SFT model (arm 4) at T = {flags['temperature']} (`sample.py:grade_question`)",
             f"Accuracy {right}/{n} = {acc:.2f}, {check} the run's question log ({logged.get('accuracy')}); "
             f"{window}.", "\n".join(table)]
 
@@ -159,8 +159,8 @@ def main(argv=None):
                          dpo_flags["template"])
         mb = collate_pairs([ds[0]])
         d = Dist()
-        _, lp_pol = train_dpo.forward_logps(dpo, mb, d)
-        _, lp_ref = train_dpo.forward_logps(sft, mb, d)
+        _, lp_pol = pair_logps(dpo, mb, d)
+        _, lp_ref = pair_logps(sft, mb, d)
         rewards = (beta * (lp_pol - lp_ref))
         lines = []
         for r, side in ((0, "chosen"), (1, "rejected")):
@@ -172,7 +172,7 @@ def main(argv=None):
                                   for t, x in zip(toks, rs)))
         span = first_wrong_step(rec, mine[0]["rejected"])
         where = mine[0]["rejected"][span[0]:span[1]] if span else "none: every step checks, the answer is wrong"
-        out += ["### The token rewards of the first pair, beta * (log pi_DPO - log pi_SFT) (`train_dpo.py:audit`)",
+        out += ["### The token rewards of the first pair, beta * (log pi_DPO - log pi_SFT) (`training/audit.py:audit`)",
                 f"beta = {beta}; responses cut as DPO training saw them ({k_words:g} words, no end-of-turn token). "
                 f"The rejected chain's first wrong step (`data/synthetic.py:first_wrong_step`): `{where}`.",
                 fence("\n".join(lines))]

@@ -15,6 +15,14 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from common.cli import UserError
+
+
+class CheckpointError(UserError, ValueError):
+    """A model directory that cannot be loaded as it is (a bad config.json, a damaged or missing weight file, keys
+    that do not match the config): one line saying what is wrong and where, no traceback."""
+
+
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
@@ -248,11 +256,13 @@ class LlavaNextConfig:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+                raise CheckpointError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
         try:
             return cls.from_dict(d)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     def save_json(self, path, dtype=None):
         with open(path, "w") as f:

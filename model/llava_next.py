@@ -16,6 +16,7 @@ import kernels
 from model.anyres import grid_shape, num_crops, unpadded_shape
 from model.clip import CLIPVisionTower, activation
 from model.config import LlavaNextConfig
+from model.generation import generate
 from model.llama import Llama
 from model.weights import TO_HUB, load_state_dict, rename, save_state_dict
 
@@ -170,7 +171,6 @@ class LlavaNext(nn.Module):
 
     def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
         """Batched decoding with a KV cache; see model.generation.generate for the arguments."""
-        from model.generation import generate
         return generate(self, input_ids, pixel_values, image_sizes, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ weights

@@ -14,6 +14,8 @@ from collections import defaultdict
 
 import torch
 
+from model.config import CheckpointError
+
 # ----------------------------------------------------------------------------------------------------------------
 # key layouts: name -> list of (pattern, replacement) applied with re.sub, first match wins
 
@@ -86,24 +88,32 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+LFS_POINTER = b"version https://git-lfs"
+
+
 def read_header(path):
     """(header dict without __metadata__, data offset) of a safetensors file, with clear errors for bad files."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            raise CheckpointError(f"{path} is a git-lfs pointer file ({size} bytes), not the weights: the download "
+                                  "fetched the pointer only; run `git lfs pull` in the model's clone, or download "
+                                  "the file itself (e.g. with `hf download`)")
+        f.seek(0)
         if size < 8:
-            raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8:
-            raise ValueError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
+            raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
-        raise ValueError(f"{path}: truncated safetensors file: its tensors need {8 + n + end} bytes, the file has "
-                         f"{size} (an interrupted download or copy?)")
+        raise CheckpointError(f"{path}: truncated safetensors file: its tensors need {8 + n + end} bytes, the file "
+                              f"has {size} (an interrupted download or copy?)")
     return header, 8 + n
 
 
@@ -213,7 +223,7 @@ def check_keys(expected, found, source, names=None):
         lines.append(f"  unexpected ({len(unexpected)}): " + "; ".join(_group(names.get(k, k) for k in unexpected)))
     for k in shapes:
         lines.append(f"  shape mismatch: {names.get(k, k)}: checkpoint {list(found[k])}, model {list(expected[k])}")
-    raise ValueError("\n".join(lines))
+    raise CheckpointError("\n".join(lines))
 
 
 def load_state_dict(path, expected, dtype, device, optional=(), rows=None, sink=None):

@@ -239,3 +239,9 @@ def launch(script, argv, n):
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={port}", script,
             *argv]
+
+
+def sft_args(tiny, out, *extra):
+    """train_sft.py's argv for a tiny model directory (helpers' build_tiny_model_dir) into `out`."""
+    model, data, sft = tiny
+    return ["--model", model, "--data", sft, "--image-root", data, "--out", str(out), "--workers", "0", *extra]

@@ -6,14 +6,8 @@ import os
 import pytest
 
 import evaluate
-from helpers import build_tiny_model_dir
 from data import convert
 from data.formats import FormatError
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_eval")))
 
 
 def preds(out):

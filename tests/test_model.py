@@ -289,3 +289,20 @@ def test_dtype_conversion_on_load(pair, dtype):
     ref = hf_logits(hf, batch)
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 0.05, f"{dtype} logits drift {rel:.3g} from fp32"
+
+
+def test_a_malformed_config_and_a_git_lfs_pointer_are_one_line_errors(tmp_path):
+    """Two common broken downloads: a config.json that is not JSON, and a git-lfs pointer file saved in place of the
+    weights. Each is one line (a UserError, no traceback) naming the file; the pointer's names git-lfs."""
+    from common.cli import UserError
+    from model.weights import load_state_dict
+    (tmp_path / "config.json").write_text('{"model_type": "llava_next",\n "text_config": {')
+    with pytest.raises(UserError) as e:
+        LlavaNext.empty(str(tmp_path))
+    assert "config.json: not valid JSON" in str(e.value) and "line 2" in str(e.value) and "\n" not in str(e.value)
+    pointer = tmp_path / "model.safetensors"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f"
+                       "32b1258daaa5e2ca24d17e2393\nsize 16060522392\n")
+    with pytest.raises(UserError) as e:
+        load_state_dict(str(tmp_path), {}, torch.float32, "cpu")
+    assert "git-lfs pointer" in str(e.value) and "git lfs pull" in str(e.value) and "\n" not in str(e.value)

@@ -1,9 +1,8 @@
-"""train_sft.py on a tiny model (CPU): learning, equivalence across process counts, exact resume, atomic
-checkpoints, packing, freezing and per-module learning rates, mixed text-only / image ranks, bad data."""
+"""train_sft.py on a tiny model (CPU): learning, equivalence across process counts, exact resume, packing, freezing
+and per-module learning rates, mixed text-only / image ranks, bad data, a step whose samples were all skipped."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,19 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_sft
-from training.checkpoint import checkpoints, incomplete, write_checkpoint
-from helpers import ROOT, assert_close, build_tiny_model_dir, torchrun
+from helpers import ROOT, assert_close, sft_args, torchrun
 from model import LlavaNext, Processor
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model_dir(str(tmp_path_factory.mktemp("tiny")))
-
-
-def args_for(tiny, out, *extra):
-    model, data, sft = tiny
-    return ["--model", model, "--data", sft, "--image-root", data, "--out", str(out), "--workers", "0", *extra]
+from training.checkpoint import checkpoints
 
 
 def losses(out):
@@ -36,8 +25,6 @@ def weights(out):
     return load_file(os.path.join(out, "final", "model.safetensors"))
 
 
-
-
 def max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
@@ -45,7 +32,7 @@ def max_diff(a, b):
 def test_loss_falls_and_transformers_loads_the_checkpoint(tiny, tmp_path):
     from transformers import LlavaNextForConditionalGeneration
     out = tmp_path / "run"
-    assert train_sft.main(args_for(tiny, out, "--max-steps", "30", "--batch-size", "8", "--lr", "3e-3")) == 0
+    assert train_sft.main(sft_args(tiny, out, "--max-steps", "30", "--batch-size", "8", "--lr", "3e-3")) == 0
     curve = losses(out)
     assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.75 * sum(curve[:5]) / 5
     ours = LlavaNext.from_pretrained(str(out / "final")).eval()
@@ -69,9 +56,9 @@ def test_two_processes_equal_one(tiny, tmp_path):
     AdamW steps (fp32 summation order only)."""
     common = ["--max-steps", "6", "--lr", "3e-3"]
     one, accum, two = tmp_path / "one", tmp_path / "accum", tmp_path / "two"
-    train_sft.main(args_for(tiny, one, *common, "--batch-size", "4"))
-    train_sft.main(args_for(tiny, accum, *common, "--batch-size", "2", "--grad-accum", "2"))
-    torchrun(args_for(tiny, two, *common, "--batch-size", "2"))
+    train_sft.main(sft_args(tiny, one, *common, "--batch-size", "4"))
+    train_sft.main(sft_args(tiny, accum, *common, "--batch-size", "2", "--grad-accum", "2"))
+    torchrun(sft_args(tiny, two, *common, "--batch-size", "2"))
     for other in (accum, two):
         for a, b in zip(losses(one), losses(other)):
             assert abs(a - b) <= 1e-6 * abs(a), (losses(one), losses(other))
@@ -81,8 +68,8 @@ def test_two_processes_equal_one(tiny, tmp_path):
 def test_killed_run_resumes_exactly(tiny, tmp_path):
     common = ["--max-steps", "40", "--batch-size", "4", "--lr", "3e-3", "--save-every", "2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train_sft.main(args_for(tiny, straight, *common))
-    proc = subprocess.Popen([sys.executable, "-u", "train_sft.py", *args_for(tiny, killed, *common)], cwd=ROOT,
+    train_sft.main(sft_args(tiny, straight, *common))
+    proc = subprocess.Popen([sys.executable, "-u", "train_sft.py", *sft_args(tiny, killed, *common)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:                        # killed the moment the first checkpoint is reported
         if line.startswith("saved "):
@@ -92,73 +79,9 @@ def test_killed_run_resumes_exactly(tiny, tmp_path):
     proc.stdout.close()
     resumed_at = int(checkpoints(str(killed))[-1].rsplit("-", 1)[1])
     assert resumed_at < 40, "the run finished before the kill: nothing was resumed"
-    assert train_sft.main(args_for(tiny, killed, *common, "--resume")) == 0
+    assert train_sft.main(sft_args(tiny, killed, *common, "--resume")) == 0
     assert losses(killed) == losses(straight)       # bit for bit
     assert max_diff(weights(straight), weights(killed)) == 0
-
-
-def test_a_kill_while_saving_leaves_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
-    class Boom(Exception):
-        pass
-
-    out = tmp_path / "run"
-    train_sft.main(args_for(tiny, out, "--max-steps", "2", "--batch-size", "4", "--save-every", "1"))
-    before = checkpoints(str(out))
-
-    def half_written(tmp):
-        with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
-            f.write(b"\0" * 100)
-        raise Boom()
-
-    from common.dist import Dist
-    with pytest.raises(Boom):
-        write_checkpoint(str(out), 3, half_written, Dist())
-    assert checkpoints(str(out)) == before
-    LlavaNext.from_pretrained(before[-1])            # still loadable
-    assert open(out / "latest").read().strip() == os.path.basename(before[-1])
-    # a kill halfway through deleting the oldest checkpoint: no half-deleted checkpoint-N is left for a resume
-    real_rmtree = shutil.rmtree
-
-    def die_after_one_file(path, *a, **k):
-        if os.path.basename(path).startswith(".trash-") and os.path.exists(path):
-            os.remove(os.path.join(path, "config.json"))
-            raise Boom()
-        return real_rmtree(path, *a, **k)
-
-    src = shutil.copytree(before[-1], tmp_path / "src")
-    copy = lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True)   # noqa: E731
-    for step in (3, 4):
-        write_checkpoint(str(out), step, copy, Dist())
-    with monkeypatch.context() as m, pytest.raises(Boom):
-        m.setattr(shutil, "rmtree", die_after_one_file)
-        write_checkpoint(str(out), 5, copy, Dist())
-    assert [os.path.basename(c) for c in checkpoints(str(out))] == [f"checkpoint-00000{i}" for i in (3, 4, 5)]
-    for c in checkpoints(str(out)):
-        LlavaNext.from_pretrained(c)
-    write_checkpoint(str(out), 6, copy, Dist())
-    assert [os.path.basename(c) for c in checkpoints(str(out))] == [f"checkpoint-00000{i}" for i in (4, 5, 6)]
-    assert not [n for n in os.listdir(out) if n.startswith(".")]      # the next save swept the leftovers
-    # a real SIGKILL during training with a save every step, sent the moment the 4th save is reported (so it lands
-    # in the next step or save, pruning included): whatever survives loads
-    proc = subprocess.Popen([sys.executable, "-u", "train_sft.py",
-                             *args_for(tiny, tmp_path / "k", "--max-steps", "500", "--batch-size", "4",
-                                       "--save-every", "1")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    saves = 0
-    for line in proc.stdout:
-        saves += line.startswith("saved ")
-        if saves == 4:
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-    assert saves == 4 and len(checkpoints(str(tmp_path / "k"))) >= 3
-    from torch.distributed.checkpoint import FileSystemReader
-    for c in checkpoints(str(tmp_path / "k")):
-        assert not incomplete(c), c
-        torch.load(os.path.join(c, "rng.pt"), weights_only=True)
-        keys = FileSystemReader(os.path.join(c, "state")).read_metadata().state_dict_metadata
-        assert any(k.startswith("model.") for k in keys) and any(k.startswith("optim.state.") for k in keys)
 
 
 def test_packed_and_padded_batches_give_the_same_loss(tiny):
@@ -181,7 +104,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny):
 
 def test_frozen_modules_and_per_module_learning_rates(tiny, tmp_path):
     out = tmp_path / "run"
-    train_sft.main(args_for(tiny, out, "--max-steps", "3", "--batch-size", "4", "--lr", "1e-4", "--projector-lr",
+    train_sft.main(sft_args(tiny, out, "--max-steps", "3", "--batch-size", "4", "--lr", "1e-4", "--projector-lr",
                             "1e-3", "--freeze-vision"))
     base, after = load_file(os.path.join(tiny[0], "model.safetensors")), weights(out)
     vision = [k for k in base if k.startswith("vision_tower.")]
@@ -244,22 +167,6 @@ def test_bad_data_is_counted_or_named(tiny, tmp_path, capsys):
                                "--out", str(tmp_path / "strict")])
 
 
-def test_ratio_share_depends_on_the_seed_and_file_name_not_its_directory(tmp_path):
-    from data.collate import load_rows
-    rows = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
-            for i in range(40)]
-    for d in ("a", "b/c"):
-        os.makedirs(tmp_path / d)
-        with open(tmp_path / d / "rows.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    pick = lambda d, seed: [r["id"] for r, _ in load_rows([str(tmp_path / d / "rows.jsonl")], [0.5], seed)]  # noqa
-    assert len(pick("a", 0)) == 20 and len(set(pick("a", 0))) == 20
-    assert pick("a", 0) == pick("b/c", 0)                 # a moved or differently named directory: the same rows
-    assert pick("a", 0) != pick("a", 1)
-    twice = [r["id"] for r, _ in load_rows([str(tmp_path / "a" / "rows.jsonl")], [2.0])]
-    assert sorted(twice) == sorted([r["id"] for r in rows] * 2)
-
-
 def test_check_data_reports_words_the_word_level_tokenizer_does_not_know(tmp_path, capsys, monkeypatch):
     """`--level easy` data through the shipped base model's word-level tokenizer (built on the tiny level): names such
     as `maple` become <unk>; --check-data reports the share and warns above 1%, and training warns once at the start.
@@ -307,3 +214,17 @@ def test_released_rows_with_their_authors_absolute_image_paths_load_from_the_ima
     assert image_path(str(tmp_path), "chartqa/x.png") == str(tmp_path / "chartqa" / "x.png")
     assert image_path(str(tmp_path), "/etc/data/vlm_reason/image_data/chartqa/x.png") == str(tmp_path / "chartqa/x.png")
     assert image_path(str(tmp_path), str(tmp_path / "chartqa" / "x.png")) == str(tmp_path / "chartqa" / "x.png")
+
+
+def test_a_step_whose_samples_were_all_skipped_says_so(tiny, tmp_path, capsys):
+    model, data, sft = tiny
+    rows = [dict(json.loads(line), image="images/nope.png") for line in open(sft)][:4]
+    path = tmp_path / "gone.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train_sft.main(["--model", model, "--data", str(path), "--image-root", data, "--out", str(tmp_path / "o"),
+                           "--max-steps", "1", "--batch-size", "4", "--workers", "0"]) == 0
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
+    assert "step 1/1 | no sample trained: all 4 skipped" in out and "loss 0.0000" not in out
+    logged = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert logged == [{"step": 1, "skipped": 4, "lr": logged[0]["lr"]}]

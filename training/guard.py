@@ -26,7 +26,8 @@ DIVERGED = 1
 class Guard:
     """Installed once per run (in the main thread, before the loop); see the module docstring."""
 
-    def __init__(self, resume=None):
+    def __init__(self, total, save_every=0, resume=None):
+        self.total, self.save_every = total, save_every
         self.signalled = False
         self.last_checkpoint = resume           # the newest checkpoint written or resumed from (None: none yet)
         self.saved_step = None                  # the step of a checkpoint written by this run
@@ -46,23 +47,34 @@ class Guard:
     def saved(self, path, step):
         self.last_checkpoint, self.saved_step = path, step
 
-    def check_finite(self, step, total, loss, gnorm):
+    def check_finite(self, step, loss, gnorm):
         """Stop before the optimizer step when the step's loss or gradient norm is not finite."""
         if math.isfinite(loss) and math.isfinite(gnorm):
             return
         where = self.last_checkpoint or "none (no checkpoint yet; a rerun starts again from --model)"
-        raise Stop(f"stopped at step {step} of {total}: loss {loss:.4g}, gradient norm {gnorm:.4g} (not finite); "
-                   f"the step was not applied and nothing was saved; last good checkpoint: {where} (--resume "
-                   "continues from it; a lower --lr, or --clip, may get past this step)", DIVERGED)
+        raise Stop(f"stopped at step {step} of {self.total}: loss {loss:.4g}, gradient norm {gnorm:.4g} (not "
+                   f"finite); the step was not applied and nothing was saved; last good checkpoint: {where} "
+                   "(--resume continues from it; a lower --lr, or --clip, may get past this step)", DIVERGED)
 
-    def preempted(self, step, total, save):
-        """After a step in which any rank got SIGTERM (stop_votes > 0): save(step) unless this step is saved already,
-        then stop with the command that resumes."""
+    def after_step(self, step, stop, save):
+        """After an optimizer step: the checkpoint the --save-every schedule asks for, and when any rank was sent
+        SIGTERM (stop), a checkpoint of this step and the stop (the final step saves as usual). save() writes the
+        checkpoint of `step` and returns its path."""
+        if step >= self.total:
+            return
+        if self.save_every and step % self.save_every == 0:
+            self.saved(save(), step)
+        if stop:
+            self.preempted(step, save)
+
+    def preempted(self, step, save):
+        """Stop after `step` with the command that resumes, saving it first unless this step is saved already."""
         if self.saved_step != step:
             self.saved(save(), step)
         # the same command with --resume (never --overwrite: that would delete the checkpoint it resumes from)
         argv = [a for a in sys.argv[1:] if a != "--overwrite"] + ([] if "--resume" in sys.argv else ["--resume"])
         launcher = "torchrun ... " if "RANK" in os.environ else "python "
         progress["then"] = None
-        raise Stop(f"preempted (SIGTERM) after step {step} of {total}: saved {self.last_checkpoint}; resume with: "
-                   f"{launcher}{shlex.join([os.path.basename(sys.argv[0])] + argv)}", PREEMPTED)
+        command = launcher + shlex.join([os.path.basename(sys.argv[0])] + argv)
+        raise Stop(f"preempted (SIGTERM) after step {step} of {self.total}: saved {self.last_checkpoint}; resume "
+                   f"with: {command}", PREEMPTED)

@@ -12,9 +12,10 @@ from contextlib import nullcontext
 
 import torch
 
-from common.cli import add_dist_timeout, number
+from common.cli import UserError, add_dist_timeout, number
 from common.dist import dtype_of, print0
 from data.collate import balance, global_batches, split_batch
+from training.checkpoint import load_state
 
 
 def add_run_flags(ap, what):
@@ -97,6 +98,15 @@ def rank_schedule(lengths, micro, world, accum, rank, seed, per_epoch, start, to
     return schedule
 
 
+def pair_logps(model, mb, d):
+    """(the batch on the device, per-position log-probs) of a pair batch (2B rows, or packed) through the model's
+    own forward; each image is encoded once for its chosen and rejected rows (image_repeat=2)."""
+    to = to_device(mb, d.device)
+    return to, model(to["input_ids"], to.get("pixel_values"), to.get("image_sizes"), to.get("attention_mask"),
+                     cu_seqlens=to.get("cu_seqlens"), max_seqlen=to.get("max_seqlen"), targets=to["targets"],
+                     target_rows=to.get("target_rows"), image_repeat=2, keep_vision_in_graph=True)
+
+
 def _worker_init(_):
     # a job scheduler's SIGTERM reaches the loader's workers too: the main process decides when to stop (after its
     # step, with a checkpoint) and ends them itself
@@ -111,7 +121,38 @@ def loader(dataset, schedule, collate, workers, device):
                                             worker_init_fn=_worker_init if workers > 0 else None))
 
 
+def step_plan(n, micro, world, accum, max_steps, epochs, flag):
+    """(global batch, steps per epoch, total steps) for n samples; a one-line error naming `flag` when they make no
+    global batch."""
+    global_size = micro * world * accum
+    per_epoch = n // global_size
+    if per_epoch == 0:
+        raise UserError(f"{flag}: {n} samples make no global batch of {global_size} ({micro} per micro-batch x "
+                        f"{world} processes x {accum} accumulation)")
+    return global_size, per_epoch, max_steps or max(1, int(epochs * per_epoch))
+
+
 def set_base_lrs(optimizer, lrs):
     """Each group's base learning rate (the schedule scales it), by group name: {name: lr}."""
     for g in optimizer.param_groups:
         g["base_lr"] = lrs[g["name"]]
+
+
+def resume_optimizer(resume, wrapped, optimizer, lrs):
+    """The step to start from: 0, or the step of the checkpoint `resume` (weights, optimizer state and RNG restored,
+    resharded onto this process count). The base learning rates are set either way."""
+    set_base_lrs(optimizer, lrs)
+    if not resume:
+        return 0
+    step = load_state(resume, wrapped, optimizer)["step"]
+    set_base_lrs(optimizer, lrs)
+    print0(f"resumed from {resume} at step {step}")
+    return step
+
+
+def read_step(d, sums, gnorm, guard):
+    """The step's one read from the device: the sums (a float64 vector) summed over the ranks, the gradient norm,
+    and whether any rank was sent SIGTERM. Returns (sums as floats, gnorm, stop)."""
+    flag = torch.full((1,), guard.flag(), dtype=torch.float64, device=sums.device)
+    *totals, stop = d.all_sum(torch.cat([sums, flag])).tolist()
+    return totals, float(gnorm), stop > 0
