@@ -96,10 +96,9 @@ def parse_args(argv=None):
 # scorers that need the record's options or meta (answer type, OCRBench subset), not just the golds
 NEEDS_RECORD = ("aokvqa", "mmmu", "mathvista", "ocrbench")
 
-def grade(rec, text, mode):
-    """(extracted answer, score, format_ok) of one output: the paper's extraction (the text after the last
-    "### Answer:"; a direct output is the answer itself), then the benchmark's official scorer (data/answers.py)."""
-    return answers.grade(rec, text, mode)
+# (extracted answer, score, format_ok) of one output: the paper's extraction (the text after the last "### Answer:"; a
+# direct output is the answer itself), then the benchmark's official scorer; evaluate.grade is the public name
+grade = answers.grade
 
 
 def family_of(rec):

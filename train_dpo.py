@@ -209,6 +209,7 @@ def main(argv=None):
         guard.after_step(step + 1, stop, lambda step=step + 1: save(args, d, model, policy, optimizer, processor,
                                                                     step, save_dtype))
     bar.close()
+    guard.close()
 
     # ---------------------------------------------------------------- save, dev, audit, summary
     final = resume

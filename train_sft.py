@@ -183,6 +183,7 @@ def main(argv=None):
         guard.after_step(step + 1, stop, lambda step=step + 1: save(args, d, model, wrapped, optimizer, processor,
                                                                     step, save_dtype))
     bar.close()
+    guard.close()
 
     # ---------------------------------------------------------------- save, summary
     final = resume

@@ -161,18 +161,18 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        if ctx.fallback is None:
-            return TritonAttention._backward(ctx, do)
-        try:
-            return TritonAttention._backward(ctx, do)
-        except Exception as e:                                 # noqa: BLE001 - a failed compile or launch
-            tuning.demote(ctx.fallback, e, do.device)
-            q, k, v = ctx.saved_tensors[:3]
-            with torch.enable_grad():
-                q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-                o = attention_ref(q, k, v, ctx.meta[0], ctx.cu_seqlens, max_seqlen=ctx.max_seqlen)
-                dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
-            return dq, dk, dv, None, None, None, None
+        return tuning.guarded(ctx.fallback, do.device, lambda: TritonAttention._backward(ctx, do),
+                              lambda: TritonAttention._torch_backward(ctx, do))
+
+    @staticmethod
+    def _torch_backward(ctx, do):
+        """The gradients through attention_ref, recomputed from the saved inputs."""
+        q, k, v = ctx.saved_tensors[:3]
+        with torch.enable_grad():
+            q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+            o = attention_ref(q, k, v, ctx.meta[0], ctx.cu_seqlens, max_seqlen=ctx.max_seqlen)
+            dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+        return dq, dk, dv, None, None, None, None
 
     @staticmethod
     def _backward(ctx, do):

@@ -234,17 +234,17 @@ class TritonLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.fallback is None:
-            return TritonLogProbs._backward(ctx, g)
-        try:
-            return TritonLogProbs._backward(ctx, g)
-        except Exception as e:                                 # noqa: BLE001 - a failed compile or launch
-            tuning.demote(ctx.fallback, e, g.device)
-            h, w, y, _ = ctx.saved_tensors
-            with torch.enable_grad():
-                h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
-                dh, dw = torch.autograd.grad(ChunkedLogProbs.apply(h, w, y), (h, w), g)
-            return dh, dw, None, None
+        return tuning.guarded(ctx.fallback, g.device, lambda: TritonLogProbs._backward(ctx, g),
+                              lambda: TritonLogProbs._torch_backward(ctx, g))
+
+    @staticmethod
+    def _torch_backward(ctx, g):
+        """The gradients through the chunked torch path, recomputed from the saved inputs."""
+        h, w, y, _ = ctx.saved_tensors
+        with torch.enable_grad():
+            h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+            dh, dw = torch.autograd.grad(ChunkedLogProbs.apply(h, w, y), (h, w), g)
+        return dh, dw, None, None
 
     @staticmethod
     def _backward(ctx, g):

@@ -144,6 +144,18 @@ def _on_cuda(device):
     return device is not None and torch.device(device).type == "cuda"
 
 
+def guarded(key, device, triton_run, torch_run):
+    """triton_run(), or, when key is a shape class (auto mode) and the Triton launch fails, torch_run() with the class
+    demoted: how the kernels' backward passes fall back instead of ending the run."""
+    if key is None:
+        return triton_run()
+    try:
+        return triton_run()
+    except Exception as e:                      # noqa: BLE001 - a failed compile or launch of any kind
+        demote(key, e, device)
+        return torch_run()
+
+
 def _name(key):
     return " ".join(str(k) for k in key)
 

@@ -26,6 +26,18 @@ def llama3_tokenizer_dir():
 
 
 @pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    """A smaller tiny model (16 training charts), its SFT rows and teacher-made pairs: (model, data, sft, pairs)."""
+    from helpers import build_tiny_model_dir, teacher_pairs
+    root = tmp_path_factory.mktemp("small")
+    model, data, sft = build_tiny_model_dir(str(root), n_train=16, n_test=4)
+    qa = [json.loads(line) for line in open(os.path.join(data, "train.jsonl"))]
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in teacher_pairs(qa)))
+    return model, data, sft, str(pairs)
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny LLaVA-NeXT and its synthetic data: (model dir, data dir, SFT rows); see helpers.build_tiny_model_dir."""
     from helpers import build_tiny_model_dir

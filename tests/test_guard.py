@@ -9,20 +9,9 @@ import signal
 import subprocess
 import sys
 
-import pytest
 from safetensors.torch import load_file
 
-from helpers import ROOT, build_tiny_model_dir, teacher_pairs
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guard")
-    model, data, sft = build_tiny_model_dir(str(root), n_train=16, n_test=4)
-    qa = [json.loads(line) for line in open(os.path.join(data, "train.jsonl"))]
-    pairs = root / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in teacher_pairs(qa)))
-    return model, data, sft, str(pairs)
+from helpers import ROOT
 
 
 def start(argv, procs=1):
@@ -56,10 +45,10 @@ def assert_same_weights(a, b):
         assert (wa[k] == wb[k]).all(), k
 
 
-def test_sigterm_checkpoints_after_the_step_and_resume_ends_where_a_straight_run_ends(tiny, tmp_path):
+def test_sigterm_checkpoints_after_the_step_and_resume_ends_where_a_straight_run_ends(small, tmp_path):
     """SIGTERM to the whole process group (the run and its DataLoader worker, as SLURM sends it): the step finishes,
     a checkpoint is written, the resume command is printed, exit 143; --resume then equals an uninterrupted run."""
-    model, data, sft, _ = tiny
+    model, data, sft, _ = small
     run = ["train_sft.py", "--model", model, "--data", sft, "--image-root", data, "--max-steps", "60",
            "--batch-size", "2", "--lr", "1e-3", "--workers", "1", "--log-every", "1"]
     cut, straight = str(tmp_path / "cut"), str(tmp_path / "straight")
@@ -79,10 +68,10 @@ def test_sigterm_checkpoints_after_the_step_and_resume_ends_where_a_straight_run
     assert losses[0] == losses[1]
 
 
-def test_sigterm_under_torchrun_every_rank_checkpoints_together(tiny, tmp_path):
+def test_sigterm_under_torchrun_every_rank_checkpoints_together(small, tmp_path):
     """torchrun forwards SIGTERM to its workers: they finish the step, agree, write one sharded checkpoint, and
     the resumed 2-process run ends where an uninterrupted 2-process run ends."""
-    model, data, _, pairs = tiny
+    model, data, _, pairs = small
     run = ["train_dpo.py", "--model", model, "--pairs", pairs, "--image-root", data, "--epochs", "10",
            "--batch-size", "1", "--global-batch", "2", "--lr", "1e-4", "--workers", "0", "--log-every", "1"]
     cut, straight = str(tmp_path / "cut"), str(tmp_path / "straight")
@@ -98,10 +87,10 @@ def test_sigterm_under_torchrun_every_rank_checkpoints_together(tiny, tmp_path):
     assert_same_weights(cut, straight)
 
 
-def test_a_non_finite_loss_stops_the_run_before_its_step_is_applied(tiny, tmp_path):
+def test_a_non_finite_loss_stops_the_run_before_its_step_is_applied(small, tmp_path):
     """An absurd lr blows the weights up after step 1: step 2's loss is not finite; it is not applied, nothing of
     the broken state is saved, and one line names the step and the last good checkpoint."""
-    model, data, sft, _ = tiny
+    model, data, sft, _ = small
     out = tmp_path / "nan"
     res = subprocess.run([sys.executable, "train_sft.py", "--model", model, "--data", sft, "--image-root", data,
                           "--out", str(out), "--max-steps", "6", "--batch-size", "4", "--lr", "1e30", "--save-every",

@@ -7,8 +7,6 @@ backward run here on meta tensors, with the batches the real collate functions m
 loss, the gradient norm, the SIGTERM vote) happens after the last micro-batch, in the loop.
 """
 
-import json
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -16,23 +14,12 @@ import torch
 
 import train_dpo
 import train_sft
-from helpers import build_tiny_model_dir, teacher_pairs
 from data.collate import PairDataset, SFTDataset, collate, collate_pairs, load_rows
 from data.formats import load_pairs
 from model import LlavaNext, Processor
 from training.loop import to_device
 
 META = SimpleNamespace(device=torch.device("meta"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loop")
-    model, data, sft = build_tiny_model_dir(str(root), n_train=12, n_test=4)
-    qa = [json.loads(line) for line in open(os.path.join(data, "train.jsonl"))]
-    pairs = root / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in teacher_pairs(qa[:4])))
-    return model, data, sft, str(pairs)
 
 
 def meta_model(path):
@@ -44,8 +31,8 @@ def meta_model(path):
 
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("loss_mean", ["token", "sample"])
-def test_an_sft_micro_batch_never_reads_from_the_device(tiny, pack, loss_mean):
-    model_dir, data, sft, _ = tiny
+def test_an_sft_micro_batch_never_reads_from_the_device(small, pack, loss_mean):
+    model_dir, data, sft, _ = small
     proc = Processor.from_pretrained(model_dir)
     rows = load_rows([sft])
     ds = SFTDataset(rows, proc, data)
@@ -58,8 +45,8 @@ def test_an_sft_micro_batch_never_reads_from_the_device(tiny, pack, loss_mean):
 
 
 @pytest.mark.parametrize("precomputed", [False, True])
-def test_a_dpo_micro_batch_never_reads_from_the_device(tiny, precomputed):
-    model_dir, data, _, pairs = tiny
+def test_a_dpo_micro_batch_never_reads_from_the_device(small, precomputed):
+    model_dir, data, _, pairs = small
     proc = Processor.from_pretrained(model_dir)
     ds = PairDataset(load_pairs(pairs), proc, data)
     mb = collate_pairs([ds[i] for i in range(3)], pack=False, pad_id=1)
@@ -72,8 +59,8 @@ def test_a_dpo_micro_batch_never_reads_from_the_device(tiny, precomputed):
     assert sums.shape == (len(train_dpo.SUMS),) and sums.device.type == "meta"
 
 
-def test_a_batch_goes_to_the_device_with_its_shapes_left_on_the_host(tiny):
-    model_dir, data, sft, _ = tiny
+def test_a_batch_goes_to_the_device_with_its_shapes_left_on_the_host(small):
+    model_dir, data, sft, _ = small
     ds = SFTDataset(load_rows([sft]), Processor.from_pretrained(model_dir), data)
     mb = collate([ds[i] for i in range(2)], pack=True)
     to = to_device(mb, torch.device("meta"))

@@ -31,7 +31,7 @@ class Guard:
         self.signalled = False
         self.last_checkpoint = resume           # the newest checkpoint written or resumed from (None: none yet)
         self.saved_step = None                  # the step of a checkpoint written by this run
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         progress["then"] = (f"rerun with --resume to continue from {os.path.basename(resume)}" if resume else
                             "no checkpoint written yet (--save-every): a rerun with --resume starts over")
 
@@ -39,6 +39,10 @@ class Guard:
         if not self.signalled and int(os.environ.get("RANK", 0)) == 0:
             print("\nSIGTERM: finishing this step, then a checkpoint", file=sys.stderr, flush=True)
         self.signalled = True
+
+    def close(self):
+        """Give SIGTERM back to the handler it had (a main() run inside another program leaves no trace)."""
+        signal.signal(signal.SIGTERM, self._previous)
 
     def flag(self):
         """1.0 when this process was sent SIGTERM (summed over the ranks with the step's metrics)."""
@@ -52,6 +56,7 @@ class Guard:
         if math.isfinite(loss) and math.isfinite(gnorm):
             return
         where = self.last_checkpoint or "none (no checkpoint yet; a rerun starts again from --model)"
+        self.close()
         raise Stop(f"stopped at step {step} of {self.total}: loss {loss:.4g}, gradient norm {gnorm:.4g} (not "
                    f"finite); the step was not applied and nothing was saved; last good checkpoint: {where} "
                    "(--resume continues from it; a lower --lr, or --clip, may get past this step)", DIVERGED)
@@ -76,5 +81,6 @@ class Guard:
         launcher = "torchrun ... " if "RANK" in os.environ else "python "
         progress["then"] = None
         command = launcher + shlex.join([os.path.basename(sys.argv[0])] + argv)
+        self.close()
         raise Stop(f"preempted (SIGTERM) after step {step} of {self.total}: saved {self.last_checkpoint}; resume "
                    f"with: {command}", PREEMPTED)
