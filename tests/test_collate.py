@@ -43,9 +43,9 @@ def test_truncation_keeps_k_words_drops_eot_and_masks_the_prompt(trained):
     ds = PairDataset([(pair, "x")], proc, trained["data"], truncate=90)
     item = ds[0]
     ids, tgt = item["chosen"]
-    trained = [t for t in tgt.tolist() if t != -100]
-    assert len(trained) == 90                               # one (unknown-word) token per word here
-    assert proc.token_id("<|eot_id|>") not in trained and ids[-1].item() != proc.token_id("<|eot_id|>")
+    kept = [t for t in tgt.tolist() if t != -100]
+    assert len(kept) == 90                                  # one (unknown-word) token per word here
+    assert proc.token_id("<|eot_id|>") not in kept and ids[-1].item() != proc.token_id("<|eot_id|>")
     prompt_len = (tgt != -100).nonzero()[0, 0].item() + 1
     assert proc.token_id("<|end_header_id|>") in ids[:prompt_len].tolist()
     assert len(PairDataset([(pair, "x")], proc, trained["data"], truncate=0)[0]["chosen"][1].ne(-100).nonzero()) == 120
