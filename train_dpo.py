@@ -366,8 +366,9 @@ def ref_logps(reference, mb, d, like):
 
 def reference_key(args):
     """What the reference log-probs depend on: the reference's weight files (not its path: a symlink may be
-    re-pointed), the pair files, the truncation (the rule, named, and its limit) and the template."""
-    return [model_id(args.model), "paper-cut", args.truncate_words, args.template] + [
+    re-pointed), the pair files, the truncation (the rule, named, and its limit) and the template; and how the table
+    names its pairs (by file and line), so that a table of an older naming is never read."""
+    return [model_id(args.model), "paper-cut", args.truncate_words, args.template, "pairs by file:line"] + [
         file_id(f) for f in args.pairs + (args.dev_pairs or [])]
 
 
@@ -384,7 +385,7 @@ def cached_reference_table(args, d):
 
 
 def reference_table(reference, datasets, collate, args, d, compute):
-    """{pair id: (ref log p(chosen), ref log p(rejected))} over every pair, computed once (each rank a share,
+    """{pair key (file:line): (ref log p(chosen), ref log p(rejected))} over every pair, computed once (each rank a share,
     gathered) and cached beside the checkpoints; a rerun with the same pairs and settings reuses it."""
     path = os.path.join(args.out, "reference_logps.pt")
     mine = {}
