@@ -132,8 +132,8 @@ def test_dpo_lifts_heldout_reward_accuracy_and_writes_the_audit_page(trained, tm
     assert page.count("<h3>") == 3 and "title='" in page and "rgba(" in page
     # every rejected chain's only error is its answer: DPO learned to push that token down (2 of the 3 chains,
     # where a token drawn at random would land about a quarter of the time)
-    page = json.load(open(out / "token_rewards.json"))
-    assert page["rejected_checked"] == 3 and page["min_at_first_error"] >= 2 and page["chance"] < 0.4, page
+    summary = json.load(open(out / "token_rewards.json"))
+    assert summary["rejected_checked"] == 3 and summary["min_at_first_error"] >= 2 and summary["chance"] < 0.4, summary
     assert "have their most negative token at or right after" in page
 
 

@@ -1,13 +1,21 @@
 """evaluate.py end to end on a tiny model, batching, resume, rescore, rerank; the benchmark converters."""
 
+import argparse
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import evaluate
+import sample
 from data import convert
+from data.collate import PairDataset, collate_pairs, per_sequence
 from data.formats import FormatError
+from model import LlavaNext, Processor
+from model.generation import row_logprobs
+from training.loop import pair_logps
 
 
 def preds(out):
@@ -210,14 +218,6 @@ def test_ai2d_converter(tmp_path):
 def test_rerank_scores_a_response_exactly_as_dpo_training_does(tiny):
     """The verifier's log p of a sampled response equals train_dpo.py's for the same text as a pair's rejected
     answer: the same tokens (the paper's truncation, here to 5 words; no final end-of-turn token), the same sum."""
-    import argparse
-    from types import SimpleNamespace
-    import torch
-    import sample
-    import train_dpo
-    from data.collate import PairDataset, collate_pairs, per_sequence
-    from model import LlavaNext, Processor
-    from model.generation import row_logprobs
     model_dir, root, _ = tiny
     rec = json.loads(open(os.path.join(root, "test.jsonl")).readline())
     proc, model = Processor.from_pretrained(model_dir), LlavaNext.from_pretrained(model_dir).eval()
@@ -233,7 +233,7 @@ def test_rerank_scores_a_response_exactly_as_dpo_training_does(tiny):
     dataset = PairDataset(pairs, proc, root, truncate=5)
     batch = collate_pairs([dataset[0], dataset[1]])
     with torch.no_grad():
-        to, lp = train_dpo.forward_logps(model, batch, SimpleNamespace(device=torch.device("cpu")))
+        to, lp = pair_logps(model, batch, SimpleNamespace(device=torch.device("cpu")))
     theirs = per_sequence(lp, to)[2:].tolist()                 # rows: the 2 chosen, then the 2 rejected
     assert ours == pytest.approx(theirs, abs=1e-5), (ours, theirs)
 

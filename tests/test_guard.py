@@ -49,17 +49,17 @@ def test_sigterm_checkpoints_after_the_step_and_resume_ends_where_a_straight_run
     """SIGTERM to the whole process group (the run and its DataLoader worker, as SLURM sends it): the step finishes,
     a checkpoint is written, the resume command is printed, exit 143; --resume then equals an uninterrupted run."""
     model, data, sft, _ = small
-    run = ["train_sft.py", "--model", model, "--data", sft, "--image-root", data, "--max-steps", "60",
+    run = ["train_sft.py", "--model", model, "--data", sft, "--image-root", data, "--max-steps", "30",
            "--batch-size", "2", "--lr", "1e-3", "--workers", "1", "--log-every", "1"]
     cut, straight = str(tmp_path / "cut"), str(tmp_path / "straight")
     proc = start(run + ["--out", cut])
-    out, err = signal_after(proc, "step 3/60", signal.SIGTERM, group=True)
+    out, err = signal_after(proc, "step 3/30", signal.SIGTERM, group=True)
     assert proc.returncode == 143, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("preempted (SIGTERM) after step ") and "checkpoint-0000" in last, err[-2000:]
     assert "resume with: python train_sft.py " in last and last.endswith("--resume"), last
     step = int(last.split("after step ")[1].split()[0])
-    assert 3 <= step < 60 and os.path.isdir(os.path.join(cut, f"checkpoint-{step:06d}"))
+    assert 3 <= step < 30 and os.path.isdir(os.path.join(cut, f"checkpoint-{step:06d}"))
     assert "Traceback" not in err
     subprocess.run([sys.executable] + run + ["--out", cut, "--resume"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run([sys.executable] + run + ["--out", straight], cwd=ROOT, check=True, capture_output=True)

@@ -89,8 +89,15 @@ def dpo_argv(s, out, batch, global_batch):
             "--audit-pairs", "3", "--grad-checkpointing", "--pack", "on", "--workers", "0", "--save-every", "1"]
 
 
-def test_sft_recipe_on_4_processes_equals_1_and_resumes_on_2(setup):
-    one = run("train_sft.py", sft_argv(setup, "sft1", 8, 1), 1)
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """The recipes on one process, the reference every multi-process run must end at: (SFT log, DPO log)."""
+    return (run("train_sft.py", sft_argv(setup, "sft1", 8, 1), 1),
+            run("train_dpo.py", dpo_argv(setup, "dpo1", 1, 8) + ["--epochs", "3"], 1))
+
+
+def test_sft_recipe_on_4_processes_equals_1_and_resumes_on_2(setup, one_process):
+    one = one_process[0]
     four = run("train_sft.py", sft_argv(setup, "sft4", 1, 2), 4)
     for log in (one, four):
         assert "35 rows | global batch 8" in log and "4 steps" in log
@@ -107,9 +114,9 @@ def test_sft_recipe_on_4_processes_equals_1_and_resumes_on_2(setup):
     assert len(losses[1]) == 4 and all(abs(a - b) <= 1e-5 for a, b in zip(*losses))
 
 
-def test_dpo_recipe_on_4_processes_equals_1_and_resumes_on_2(setup):
+def test_dpo_recipe_on_4_processes_equals_1_and_resumes_on_2(setup, one_process):
     three = ["--epochs", "3"]                                 # 11 pairs: one global batch of 8 per epoch
-    one = run("train_dpo.py", dpo_argv(setup, "dpo1", 1, 8) + three, 1)
+    one = one_process[1]
     four = run("train_dpo.py", dpo_argv(setup, "dpo4", 1, 8) + three, 4)
     for log in (one, four):
         assert "11 pairs | global batch 8" in log and "3 steps" in log
@@ -160,16 +167,13 @@ def two_nodes(script, argv, cwds=(ROOT, ROOT)):
             for p in procs]
 
 
-def test_sft_and_dpo_on_two_nodes_end_where_one_process_ends(setup):
-    run("train_sft.py", sft_argv(setup, "nodes_sft1", 8, 1), 1)
+def test_sft_and_dpo_on_two_nodes_end_where_one_process_ends(setup, one_process):
     for rc, out, err in two_nodes("train_sft.py", sft_argv(setup, "nodes_sft2", 2, 2)):
         assert rc == 0, out[-2000:] + err[-3000:]
-    assert max_diff(setup["root"] / "nodes_sft1", setup["root"] / "nodes_sft2") <= 1e-4
-    three = ["--epochs", "3"]
-    run("train_dpo.py", dpo_argv(setup, "nodes_dpo1", 1, 8) + three, 1)
-    for rc, out, err in two_nodes("train_dpo.py", dpo_argv(setup, "nodes_dpo2", 1, 8) + three):
+    assert max_diff(setup["root"] / "sft1", setup["root"] / "nodes_sft2") <= 1e-4
+    for rc, out, err in two_nodes("train_dpo.py", dpo_argv(setup, "nodes_dpo2", 1, 8) + ["--epochs", "3"]):
         assert rc == 0, out[-2000:] + err[-3000:]
-    assert max_diff(setup["root"] / "nodes_dpo1", setup["root"] / "nodes_dpo2") <= 1e-4
+    assert max_diff(setup["root"] / "dpo1", setup["root"] / "nodes_dpo2") <= 1e-4
 
 
 def test_an_out_that_a_node_cannot_see_is_refused_in_one_line(setup, tmp_path):
